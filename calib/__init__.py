@@ -1,0 +1,1 @@
+"""The calibration set: prompts and concept images that precision choices are judged on."""

@@ -1,0 +1,1 @@
+"""Engine building: TensorRT settings and profiles, the engine cache, the attention plugin."""
