@@ -1,0 +1,121 @@
+"""ELITE's cross-attention as diffusers attention processors (installed with set_attn_processor).
+
+Every `attn2` gets an `EliteCrossAttnProcessor`; its K/V projections are the global mapper's
+trained `to_k`/`to_v` (written into `attn2.to_k/to_v`, so conditional and unconditional rows use
+them alike). Per row b, with P = softmax(q k^T s) over the text and P_l over the local tokens:
+
+    out = P v + lam[b] * (m / max_{heads,queries} m) * (P_l v_l),   m = P[..., idx[b]]
+
+The max is taken per sample (the authors take it over the whole batch tensor: identical for one
+request, and per sample keeps batched rows independent). m and its max are fp32: in fp16 m can
+underflow to 0 and 0/0 is NaN, which lam = 0 would not cancel.
+
+The ELITE inputs travel as `cross_attention_kwargs` (elite_local, elite_index, elite_lambda); every
+`attn1` gets `SelfAttnProcessor`, the stock SDPA self-attention that accepts (and ignores) them.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+ATTENTION_IMPLS = ("formula", "plugin")
+
+
+def local_scale(p_index: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """lam * m / max m, per sample.  p_index: [B,H,N] attention on the placeholder; lam: [B] -> [B,H,N,1]."""
+    m = p_index.float()
+    m_max = m.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return (lam.float().view(-1, 1, 1) * m / m_max).unsqueeze(-1)
+
+
+class EliteCrossAttnProcessor(nn.Module):
+    """attn2 with ELITE's local branch. Holds the local K/V projections (the local mapper's)."""
+
+    def __init__(self, to_k_local: nn.Linear, to_v_local: nn.Linear, attention: str = "formula"):
+        super().__init__()
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+        self.to_k_local, self.to_v_local, self.attention = to_k_local, to_v_local, attention
+
+    def __call__(  # noqa: D102 - diffusers calls processors directly; the signature names the kwargs it passes
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,  # [B,N,C]
+        encoder_hidden_states: torch.Tensor | None = None,  # [B,77,D]
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        elite_local: torch.Tensor | None = None,  # [B,256,D] local tokens (masked)
+        elite_index: torch.Tensor | None = None,  # [B] placeholder position
+        elite_lambda: torch.Tensor | None = None,  # [B] local weight; 0 on unconditional rows
+    ) -> torch.Tensor:
+        B, N, _ = hidden_states.shape
+        H = attn.heads
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # [B,L,H*d] -> [B,H,L,d]
+            return x.view(B, x.shape[1], H, -1).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(context)), heads(attn.to_v(context))
+        local = elite_local is not None
+        if local:
+            k_l, v_l = heads(self.to_k_local(elite_local)), heads(self.to_v_local(elite_local))
+        if local and self.attention == "plugin":
+            from elite_export.engines.attention_op import elite_cross_attention_op
+
+            out, out_l, p_index = elite_cross_attention_op(q, k, v, k_l, v_l, elite_index)
+        else:
+            probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)  # [B,H,N,77]
+            out = probs @ v  # [B,H,N,d]
+            if local:
+                idx = elite_index.long().view(B, 1, 1, 1).expand(B, H, N, 1)
+                p_index = probs.gather(-1, idx).squeeze(-1)  # [B,H,N]
+                out_l = (q @ k_l.transpose(-1, -2) * attn.scale).softmax(dim=-1) @ v_l  # [B,H,N,d]
+        if local:
+            lam = elite_lambda if elite_lambda is not None else torch.ones(B, device=q.device)
+            out = out + (local_scale(p_index, lam) * out_l.float()).to(out.dtype)
+        out = out.transpose(1, 2).reshape(B, N, -1)  # [B,N,H*d]
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class SelfAttnProcessor(AttnProcessor2_0):
+    """The stock attn1 (SDPA), naming the ELITE kwargs so diffusers passes them without warnings."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 elite_local=None, elite_index=None, elite_lambda=None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def cross_attention_layers(unet: nn.Module) -> list[str]:
+    """Module paths of every attn2 (ELITE's layers), in UNet order."""
+    return [name for name, mod in unet.named_modules() if isinstance(mod, Attention) and name.endswith("attn2")]
+
+
+def install_elite_attention(unet: nn.Module, global_kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                            local_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+                            attention: str = "formula") -> None:
+    """Write the global K/V into every attn2 and install ELITE's processors.
+
+    global_kv / local_kv: {attn2 module path: (to_k weight [inner, D], to_v weight [inner, D])}.
+    Without local_kv (global mode only) the local branch gets zero projections and must run with lam = 0.
+    """
+    processors = {}
+    for name in unet.attn_processors:  # "...attn1.processor" / "...attn2.processor"
+        path = name.rsplit(".processor", 1)[0]
+        if not path.endswith("attn2"):
+            processors[name] = SelfAttnProcessor()
+            continue
+        attn = unet.get_submodule(path)
+        with torch.no_grad():
+            attn.to_k.weight.copy_(global_kv[path][0])
+            attn.to_v.weight.copy_(global_kv[path][1])
+        k_l = nn.Linear(attn.to_k.in_features, attn.to_k.out_features, bias=False)
+        v_l = nn.Linear(attn.to_v.in_features, attn.to_v.out_features, bias=False)
+        with torch.no_grad():
+            if local_kv is None:
+                k_l.weight.zero_(), v_l.weight.zero_()
+            else:
+                k_l.weight.copy_(local_kv[path][0]), v_l.weight.copy_(local_kv[path][1])
+        processors[name] = EliteCrossAttnProcessor(k_l, v_l, attention).to(attn.to_k.weight)
+    unet.set_attn_processor(processors)
+

@@ -1,0 +1,138 @@
+"""The PyTorch reference of ELITE inference (DESIGN.md steps 1-8), batched.
+
+Each request (concept, prompt, seed, mode, words, lambda) is one row; the rows of a batch share
+the scheduler, step count and size, and are independent of each other: noise is drawn per row
+from its own seed, the attention max is per sample, and classifier-free guidance runs as one
+UNet call on [uncond rows; cond rows] with lambda = 0 on the unconditional rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from elite_export.checkpoints import EliteModels
+from elite_export.errors import EliteError
+from elite_export.mappers import clip_features
+from elite_export.runtime.preprocess import ConceptInputs
+from elite_export.runtime.prompt import PromptTokenizer
+from elite_export.runtime.requests import GenerationSettings, words_slice
+from elite_export.schedulers import make_diffusers_scheduler
+
+VAE_SCALE = 0.18215
+
+
+@dataclass
+class Request:
+    concept: ConceptInputs
+    prompt: str
+    seed: int
+    mode: str = "local"  # local: w0 + local branch; global: words, no local branch
+    words: str = "all"  # global mode: "all" or "0".."4"
+    lam: float = 0.8
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """The authors' draw: torch.randn on the CPU, fp32, from a generator seeded with `seed`."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B,3,H,W] in [-1,1] -> uint8 [B,H,W,3], as the authors' th2image: (x/2+0.5).clamp(0,1)*255, round."""
+    x = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (x * 255).round().astype(np.uint8)
+
+
+class ElitePipeline:
+    def __init__(self, models: EliteModels, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 placeholder: str = "S"):
+        if dtype == torch.float16 and not str(device).startswith("cuda"):
+            raise EliteError("fp16 needs a CUDA device; use --dtype fp32 on the CPU")
+        self.models = models.to(device, dtype)
+        self.device, self.dtype = torch.device(device), dtype
+        self.tokenizer = PromptTokenizer(models.tokenizer.backend_tokenizer, placeholder)
+        vae_blocks = len(models.vae.config.block_out_channels)
+        self.vae_factor = 2 ** (vae_blocks - 1)
+
+    def _tensor(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def encode_concepts(self, concepts: list[ConceptInputs]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> words [B,5,D], local tokens [B,256,D] (masked; None without a local mapper)."""
+        m = self.models
+        pixels = self._tensor(np.stack([c.pixels for c in concepts]))  # [B,3,224,224]
+        words = m.global_mapper(clip_features(m.vision, pixels))
+        if m.local_mapper is None:
+            return words, None
+        obj = self._tensor(np.stack([c.object_pixels for c in concepts]))
+        mask = self._tensor(np.stack([c.mask for c in concepts]))  # [B,256]
+        return words, m.local_mapper(clip_features(m.vision, obj)) * mask.unsqueeze(-1)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], words: torch.Tensor | None) -> torch.Tensor:
+        """prompts with words [B,K,D] injected at each placeholder (None: no injection) -> [B,77,D]."""
+        ids = self._tensor(np.stack([self.tokenizer.ids(p) for p in prompts])).long()
+        if words is None:
+            return self.models.text_encoder(ids)
+        index = torch.tensor([self.tokenizer.placeholder_index(p) for p in prompts], device=self.device)
+        return self.models.text_encoder(ids, words, index)
+
+    @torch.no_grad()
+    def unet_step(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, local: torch.Tensor,
+                  index: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """One UNet call on N rows: latents [N,4,h,w], t [N], text [N,77,D], local [N,256,D], index/lam [N]."""
+        kwargs = {"elite_local": local, "elite_index": index, "elite_lambda": lam}
+        return self.models.unet(latents, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.models.vae.decode(latents / VAE_SCALE).sample
+
+    @torch.no_grad()
+    def conditioning(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> text [B,77,D] (cond), local [B,256,D], placeholder index [B], lambda [B]."""
+        if any(r.mode == "local" for r in requests) and self.models.local_mapper is None:
+            raise EliteError("local mode needs --local-mapper; give it or use --mode global")
+        words, local = self.encode_concepts([r.concept for r in requests])
+        if local is None:
+            local = torch.zeros(words.shape[0], len(requests[0].concept.mask), words.shape[2],
+                                device=self.device, dtype=self.dtype)
+        text = torch.empty(len(requests), self.tokenizer.max_length, words.shape[2], device=self.device,
+                           dtype=self.dtype)
+        rows_by_slice: dict[tuple[int, int], list[int]] = {}
+        for i, r in enumerate(requests):
+            rows_by_slice.setdefault(words_slice(r.mode, r.words), []).append(i)
+        for (lo, hi), rows in rows_by_slice.items():  # one text-encoder call per number of words K
+            text[rows] = self.encode_text([requests[i].prompt for i in rows], words[rows, lo:hi])
+        index = torch.tensor([self.tokenizer.placeholder_index(r.prompt) for r in requests], device=self.device)
+        lam = torch.tensor([r.lam if r.mode == "local" else 0.0 for r in requests], device=self.device)
+        return text, local, index, lam
+
+    @torch.no_grad()
+    def __call__(self, requests: list[Request], settings: GenerationSettings,
+                 on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """-> uint8 images [B,H,W,3]."""
+        settings.check_size(multiple=64)
+        B = len(requests)
+        h, w = settings.height // self.vae_factor, settings.width // self.vae_factor
+        text, local, index, lam = self.conditioning(requests)
+        uncond = self.encode_text([""], None).expand(B, -1, -1)
+        text2, local2 = torch.cat([uncond, text]), torch.cat([local, local])
+        index2, lam2 = torch.cat([index, index]), torch.cat([torch.zeros_like(lam), lam])
+        scheduler = make_diffusers_scheduler(settings.scheduler, settings.scheduler_config)
+        scheduler.set_timesteps(settings.steps)
+        in_ch = self.models.unet.config.in_channels
+        noise = torch.cat([initial_noise(r.seed, (1, in_ch, h, w)) for r in requests])
+        latents = (noise * scheduler.init_noise_sigma).to(self.device, self.dtype)
+        for i, t in enumerate(scheduler.timesteps):
+            x = scheduler.scale_model_input(latents, t)
+            t2 = t.to(self.device, torch.float32).expand(2 * B)
+            eps_u, eps_c = self.unet_step(torch.cat([x, x]), t2, text2, local2, index2, lam2).chunk(2)
+            eps = eps_u + settings.guidance * (eps_c - eps_u)
+            latents = scheduler.step(eps, t, latents).prev_sample
+            if on_step is not None:
+                on_step(i + 1, settings.steps)
+        return to_uint8(self.decode(latents))

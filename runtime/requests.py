@@ -1,0 +1,51 @@
+"""What a generation asks for, shared by the PyTorch reference and the runtime (torch-free)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from elite_export.errors import EliteError
+
+MODES = ("local", "global")
+WORD_CHOICES = ("all", "0", "1", "2", "3", "4")
+NUM_WORDS = 5
+SIZE_MULTIPLE = 64  # px: latent divisible by 8, what the UNet's three downsamplings need
+
+# The ELITE paper's sampling settings (inference_local.py / inference_global.py).
+PAPER_SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                          "num_train_timesteps": 1000}
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_LAMBDA = 100, 5.0, 0.8
+
+
+def words_slice(mode: str, words: str) -> tuple[int, int]:
+    """Which of the global mapper's five words are injected: local -> w0; global -> all or one."""
+    if mode not in MODES:
+        raise EliteError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "local":
+        return 0, 1
+    if words not in WORD_CHOICES:
+        raise EliteError(f"--words must be 'all' or a word index 0..4, got {words!r}")
+    return (0, NUM_WORDS) if words == "all" else (int(words), int(words) + 1)
+
+
+@dataclass
+class GenerationSettings:
+    scheduler: str = "lms"
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    height: int = 512
+    width: int = 512
+    scheduler_config: dict = field(default_factory=lambda: dict(PAPER_SCHEDULER_CONFIG))
+
+    def check_size(self, multiple: int = SIZE_MULTIPLE, lo: int | None = None, hi: int | None = None) -> None:
+        for name, v in (("height", self.height), ("width", self.width)):
+            if v <= 0 or v % multiple:
+                raise EliteError(f"--{name} {v} is not a positive multiple of {multiple} px")
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                raise EliteError(f"--{name} {v} is outside this bundle's range {lo}..{hi} px; "
+                                 "rebuild the bundle with a wider --min-size/--max-size")
+        if self.steps < 1:
+            raise EliteError(f"--steps must be at least 1, got {self.steps}")
+
+    def to_dict(self) -> dict:
+        return {"scheduler": self.scheduler, "steps": self.steps, "guidance": self.guidance,
+                "height": self.height, "width": self.width}
