@@ -169,8 +169,14 @@ def load_models(paths: CheckpointPaths, attention: str = "formula") -> EliteMode
             raise EliteError(f"cannot load the {what} ({str(e).splitlines()[0]})") from None
 
     sd = paths.sd
-    unet = load("UNet from --sd", UNet2DConditionModel.from_pretrained, sd, subfolder="unet").eval()
-    vae = load("VAE from --sd", AutoencoderKL.from_pretrained, sd, subfolder="vae").eval()
+
+    def safetensors(sub: str) -> bool:  # released SD 1.4 folders hold .bin files, newer ones .safetensors
+        return any(f.endswith(".safetensors") for f in os.listdir(os.path.join(sd, sub)))
+
+    unet = load("UNet from --sd", UNet2DConditionModel.from_pretrained, sd, subfolder="unet",
+                use_safetensors=safetensors("unet")).eval()
+    vae = load("VAE from --sd", AutoencoderKL.from_pretrained, sd, subfolder="vae",
+               use_safetensors=safetensors("vae")).eval()
     text = load("text encoder from --sd", CLIPTextModel.from_pretrained, sd, subfolder="text_encoder").eval()
     tokenizer = load("tokenizer from --sd", CLIPTokenizer.from_pretrained, sd, subfolder="tokenizer")
     vision = load("image encoder", CLIPVisionModel.from_pretrained, paths.image_encoder).eval()

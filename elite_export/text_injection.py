@@ -40,15 +40,19 @@ class InjectedTextEncoder(nn.Module):
         self.encoder = text_model.encoder
         self.final_layer_norm = text_model.final_layer_norm
 
-    def forward(self, input_ids: torch.Tensor, words: torch.Tensor | None = None,
-                index: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, words: torch.Tensor | None = None,
+              index: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the words injected, plus position embeddings -> [B,L,D]."""
         tokens = self.embeddings.token_embedding(input_ids)  # [B,L,D]
         B, L, D = tokens.shape
         if words is not None:
             table = torch.cat([tokens, words.to(tokens.dtype)], dim=1)  # [B,L+K,D]
             src = injection_source(L, index, words.shape[1])  # [B,L]
             tokens = table.gather(1, src.unsqueeze(-1).expand(B, L, D))
-        positions = self.embeddings.position_embedding.weight[:L]  # [L,D]
-        x = tokens + positions.unsqueeze(0)
-        h = self.encoder(inputs_embeds=x, attention_mask=causal_mask(L, x.dtype, x.device)).last_hidden_state
-        return self.final_layer_norm(h)
+        return tokens + self.embeddings.position_embedding.weight[:L].unsqueeze(0)
+
+    def forward(self, input_ids: torch.Tensor, words: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(input_ids, words, index)  # [B,L,D]
+        mask = causal_mask(x.shape[1], x.dtype, x.device)
+        return self.final_layer_norm(self.encoder(inputs_embeds=x, attention_mask=mask).last_hidden_state)

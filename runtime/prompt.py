@@ -19,6 +19,9 @@ class PromptTokenizer:
     """CLIP tokenization as `CLIPTokenizer(..., padding="max_length", truncation=True, max_length=77)`."""
 
     def __init__(self, tokenizer: Tokenizer, placeholder: str = "S", max_length: int = MAX_LENGTH):
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a private copy: we pad and truncate ourselves
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         self.tokenizer, self.placeholder, self.max_length = tokenizer, placeholder, max_length
         self.pad_id = tokenizer.token_to_id("<|endoftext|>")
         ids = self._content(placeholder)

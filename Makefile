@@ -1,0 +1,36 @@
+# make test   - create .venv if missing, install, run the whole suite (what CI runs)
+# make demo   - build a bundle from a tiny model made in code and generate an image with elite-run
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.elite-installed
+DEMO := demo_out
+PYTEST_ARGS ?= -n 2
+
+.PHONY: test demo typecheck venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch==2.13.0 is the CPU wheel on this machine's disk; a bare `torch` may pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[export,plugin,dev]'
+	# --no-deps: clip-anytorch only for CLIP's BPE vocabulary file (the toy tokenizer); tensorrt-stubs
+	# only for type-checking the TensorRT layer (its dependency, TensorRT itself, is not installable here).
+	$(BIN)/python -m pip install -q --no-deps clip-anytorch==2.6.0 tensorrt-stubs==10.13.0.35.1
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy engines runtime/tensorrt_backend.py
+
+demo: $(STAMP)
+	$(BIN)/elite-export toy $(DEMO)/toy
+	$(BIN)/elite-export generate --sd $(DEMO)/toy/sd --image-encoder $(DEMO)/toy/image_encoder \
+	  --global-mapper $(DEMO)/toy/global_mapper.pt --local-mapper $(DEMO)/toy/local_mapper.pt \
+	  --image calib/concepts/7.jpg --mask calib/concepts/7_bg.png --prompt "a S in the style of Van Gogh" \
+	  --steps 20 --height 256 --width 256 -o $(DEMO)/reference.png

@@ -1,0 +1,110 @@
+"""`elite-export`: the export side. Reference generation, tiny models, bundles, parity checks.
+
+    elite-export toy OUT                       a tiny random ELITE in the released formats
+    elite-export generate --sd ... -o x.png    one image with the PyTorch reference
+    elite-export build ... -o BUNDLE           ONNX graphs (+ TensorRT engines) and a manifest
+    elite-export check BUNDLE                  every graph against the PyTorch reference
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import click
+
+from elite_export.runtime.console import EliteGroup
+from elite_export.runtime.options import sampling_options, settings_from
+
+
+@click.group(cls=EliteGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Turn a trained ELITE (SD 1.4 + CLIP ViT-L/14 + the authors' mappers) into ONNX graphs and
+    TensorRT engines, and hold them to the PyTorch reference.
+
+    Start with `elite-export toy /tmp/toy` for a tiny model to try everything on."""
+
+
+def checkpoint_options(fn: Callable) -> Callable:
+    """--sd --image-encoder --global-mapper --local-mapper: the released checkpoints."""
+    opts = [
+        click.option("--sd", type=click.Path(), help="Stable Diffusion 1.4 folder in diffusers format."),
+        click.option("--image-encoder", type=click.Path(),
+                     help="CLIP vision folder in transformers format (clip-vit-large-patch14)."),
+        click.option("--global-mapper", type=click.Path(), help="The authors' global_mapper.pt."),
+        click.option("--local-mapper", type=click.Path(), default=None,
+                     help="The authors' local_mapper.pt (needed for --mode local)."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def checkpoint_paths(sd, image_encoder, global_mapper, local_mapper):
+    from elite_export.checkpoints import CheckpointPaths
+    from elite_export.errors import EliteError
+
+    for flag, v in (("--sd", sd), ("--image-encoder", image_encoder), ("--global-mapper", global_mapper)):
+        if v is None:
+            raise EliteError(f"{flag} is required (or make a tiny model with `elite-export toy DIR`)")
+    return CheckpointPaths(sd, image_encoder, global_mapper, local_mapper)
+
+
+@main.command()
+@click.argument("out", type=click.Path())
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+def toy(out: str, seed: int) -> None:
+    """Write a tiny random ELITE to OUT: OUT/sd, OUT/image_encoder, OUT/{global,local}_mapper.pt.
+
+    Same architecture and file formats as the released checkpoints, so every loading path
+    that real checkpoints take is exercised. Deterministic for a seed."""
+    from elite_export.toy import make_toy
+
+    make_toy(out, seed)
+    click.echo(f"tiny ELITE written to {out}\n  --sd {out}/sd --image-encoder {out}/image_encoder "
+               f"--global-mapper {out}/global_mapper.pt --local-mapper {out}/local_mapper.pt")
+
+
+@main.command()
+@checkpoint_options
+@click.option("--image", required=True, type=click.Path(), help="Concept image (RGB; other modes are converted).")
+@click.option("--mask", required=True, type=click.Path(), help="Object mask, same size; white (> 0) = object.")
+@click.option("--prompt", required=True, help="Prompt with the placeholder, e.g. 'a photo of a S'.")
+@click.option("--placeholder", default="S", show_default=True, help="The placeholder word in the prompt.")
+@sampling_options
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 needs a CUDA device.")
+@click.option("--attention", type=click.Choice(["formula", "plugin"]), default="formula", show_default=True,
+              help="ELITE cross-attention: the plain formula, or the fused Triton kernel (CUDA).")
+@click.option("-o", "--output", default="elite.png", show_default=True, type=click.Path(), help="PNG to write.")
+def generate(sd, image_encoder, global_mapper, local_mapper, image, mask, prompt, placeholder, mode, words,
+             lam, scheduler, steps, guidance, seed, height, width, dtype, attention, output) -> None:
+    """Generate one image with the PyTorch reference (the authors' semantics, batched CFG).
+
+    With --scheduler lms --steps 100 --guidance 5 it reproduces the authors' inference_local.py
+    (--mode local) and inference_global.py (--mode global) for the same checkpoints and seed."""
+    import torch
+
+    from elite_export.checkpoints import load_models
+    from elite_export.pipeline import ElitePipeline, Request
+    from elite_export.runtime.console import progress
+    from elite_export.runtime.images import save_png
+    from elite_export.runtime.preprocess import load_concept
+    from elite_export.runtime.requests import words_slice
+
+    settings = settings_from(scheduler, steps, guidance, height, width)
+    settings.check_size()
+    words_slice(mode, words)
+    concept = load_concept(image, mask)
+    t0 = time.perf_counter()
+    models = load_models(checkpoint_paths(sd, image_encoder, global_mapper, local_mapper), attention)
+    device = "cuda" if dtype == "fp16" or (attention == "plugin" and torch.cuda.is_available()) else "cpu"
+    pipe = ElitePipeline(models, device, torch.float16 if dtype == "fp16" else torch.float32, placeholder)
+    t1 = time.perf_counter()
+    request = Request(concept, prompt, seed, mode, words, lam)
+    with progress(steps, "denoising") as bar:
+        img = pipe([request], settings, on_step=lambda i, n: bar.update(1))[0]
+    t2 = time.perf_counter()
+    meta = {"prompt": prompt, "seed": seed, "mode": mode, "words": words, "lambda": lam,
+            "placeholder": placeholder, "dtype": dtype, "backend": "torch", **settings.to_dict()}
+    save_png(output, img, meta)
+    click.echo(f"wrote {output} ({width}x{height}; load {t1 - t0:.1f} s, generate {t2 - t1:.1f} s)")

@@ -1,0 +1,38 @@
+"""Click options shared by `elite-export generate` (the reference) and `elite-run` (the runtime)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import click
+
+from elite_export.runtime.requests import (DEFAULT_GUIDANCE, DEFAULT_LAMBDA, DEFAULT_STEPS, MODES,
+                                           WORD_CHOICES, GenerationSettings)
+from elite_export.runtime.schedulers import SCHEDULER_NAMES
+
+
+def sampling_options(fn: Callable) -> Callable:
+    """--mode --words --lambda --scheduler --steps --guidance --seed --height --width."""
+    opts = [
+        click.option("--mode", type=click.Choice(MODES), default="local", show_default=True,
+                     help="local: word w0 + the local branch (object detail); global: words only."),
+        click.option("--words", type=click.Choice(WORD_CHOICES), default="all", show_default=True,
+                     help="Global mode: inject all five words or one of them (0 = shallowest)."),
+        click.option("--lambda", "lam", type=float, default=DEFAULT_LAMBDA, show_default=True,
+                     help="Local branch weight (the paper: 0.8; 0.6 for editing prompts)."),
+        click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default="lms", show_default=True,
+                     help="lms is the paper's sampler."),
+        click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True),
+        click.option("--guidance", type=float, default=DEFAULT_GUIDANCE, show_default=True,
+                     help="Classifier-free guidance scale."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Noise seed: torch.randn on the CPU, as the authors draw it."),
+        click.option("--height", type=int, default=512, show_default=True, help="Pixels, a multiple of 64."),
+        click.option("--width", type=int, default=512, show_default=True, help="Pixels, a multiple of 64."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def settings_from(scheduler: str, steps: int, guidance: float, height: int, width: int) -> GenerationSettings:
+    return GenerationSettings(scheduler=scheduler, steps=steps, guidance=guidance, height=height, width=width)

@@ -1,0 +1,76 @@
+"""Shared fixtures: one tiny ELITE per test session (per xdist worker), concept images, the oracle."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCEPTS = ROOT / "calib" / "concepts"
+ORACLE_DIR = ROOT.parent / "shared" / "oracle"
+ORACLE_FIXTURE = Path(os.environ.get("ELITE_ORACLE_FIXTURE",
+                                     Path.home() / ".cache" / "elite-oracle" / "fixture"))
+
+
+def assert_close(actual, expected, atol: float, rtol: float = 0.0, what: str = "") -> None:
+    """Like np.testing.assert_allclose, but says the max abs diff and where it is."""
+    a, e = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    diff = np.abs(a - e)
+    bad = diff > atol + rtol * np.abs(e)
+    if bad.any():
+        where = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        raise AssertionError(f"{what}: max abs diff {diff.max():.3g} at {where} (actual {a[where]:.6g}, "
+                             f"expected {e[where]:.6g}); {int(bad.sum())}/{bad.size} beyond atol={atol} rtol={rtol}")
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory) -> Path:
+    from elite_export.toy import make_toy
+
+    return Path(make_toy(str(tmp_path_factory.mktemp("toy") / "elite"), seed=0))
+
+
+@pytest.fixture(scope="session")
+def toy_paths(toy_dir):
+    from elite_export.checkpoints import CheckpointPaths
+
+    return CheckpointPaths(str(toy_dir / "sd"), str(toy_dir / "image_encoder"),
+                           str(toy_dir / "global_mapper.pt"), str(toy_dir / "local_mapper.pt"))
+
+
+@pytest.fixture(scope="session")
+def toy_models(toy_paths):
+    from elite_export.checkpoints import load_models
+
+    return load_models(toy_paths)
+
+
+@pytest.fixture(scope="session")
+def toy_pipeline(toy_models):
+    from elite_export.pipeline import ElitePipeline
+
+    return ElitePipeline(toy_models)
+
+
+def concept_files(n: int = 7) -> tuple[str, str]:
+    image = CONCEPTS / (f"{n}.png" if (CONCEPTS / f"{n}.png").exists() else f"{n}.jpg")
+    return str(image), str(CONCEPTS / f"{n}_bg.png")
+
+
+@pytest.fixture(scope="session")
+def concept():
+    from elite_export.runtime.preprocess import load_concept
+
+    return load_concept(*concept_files(7))
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    """The authors' outputs on the visible oracle fixture; skipped where ../shared/oracle/setup.sh never ran."""
+    npz = ORACLE_DIR / "expected_visible.npz"
+    if not npz.exists() or not (ORACLE_FIXTURE / "local_mapper.pt").exists():
+        pytest.skip("oracle fixture absent (run ../shared/oracle/setup.sh to build it)")
+    return dict(np.load(npz)), ORACLE_FIXTURE
