@@ -12,7 +12,8 @@ import diffusers
 from elite_export.runtime.schedulers import schedule_config, scheduler_spec
 
 
-def make_diffusers_scheduler(name: str, config: Mapping[str, Any]) -> diffusers.SchedulerMixin:
-    """The diffusers scheduler `name` on the training schedule `config` (call set_timesteps next)."""
+def make_diffusers_scheduler(name: str, config: Mapping[str, Any]) -> Any:
+    """The diffusers scheduler (a SchedulerMixin) `name` on the training schedule `config`; call
+    set_timesteps next."""
     spec = scheduler_spec(name)
     return getattr(diffusers, spec.diffusers_class)(**schedule_config(config), **spec.diffusers_kwargs)

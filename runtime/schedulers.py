@@ -2,10 +2,12 @@
 
 SCHEDULERS is the one table of names: each maps to the diffusers class and kwargs that the PyTorch
 reference builds (elite_export.schedulers) and to the numpy class here that mirrors it, built from the
-same kwargs. A mirror matches its diffusers twin step by step: `timesteps` (what the UNet is fed),
-`init_noise_sigma`, `scale_model_input` and `step`. The arithmetic follows diffusers' float32 0-d tensor
-ops in the same order; the training betas are rounded once from float64 (torch's float32 linspace lands
-within 1 ulp of them) and LMS integrates its Lagrange polynomials exactly, where diffusers calls quad.
+same kwargs. A mirror matches its diffusers twin step by step: `timesteps` (what the UNet is fed)
+exactly; `init_noise_sigma`, `scale_model_input` and `step` to float32 precision (within 1e-6 of the
+largest |value| over whole runs, tests/test_schedulers.py). The betas and alphas_cumprod are torch's bit
+for bit and the steps follow diffusers' float32 0-d tensor ops in the same order; what remains is
+ulp-level: torch's float32 sqrt/log/exp (MKL) are not correctly rounded and ours are, and LMS integrates
+its Lagrange polynomials exactly where diffusers runs scipy's quad over a float32 integrand.
 
 Arrays are float32 latents [B,4,h,w]; every op is elementwise, so batch rows stay independent.
 A scheduler object is one sampling run: call scale_model_input(x, i) and step(eps, i, x) for
@@ -14,12 +16,13 @@ i = 0, 1, ..., len(timesteps) - 1 in order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from numpy.polynomial import polynomial as P
 
 from elite_export.errors import EliteError
+from elite_export.runtime.float32 import fma
 
 F32 = np.float32
 BETA_SCHEDULES = ("linear", "scaled_linear")
@@ -46,20 +49,42 @@ def schedule_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def torch_linspace(start: float, end: float, steps: int) -> np.ndarray:
+    """[steps] float32, bit for bit torch.linspace(..., dtype=torch.float32) on an x86 CPU with FMA:
+    the first half counts up from start, the second down from end, each value one fused multiply-add."""
+    start32, end32 = F32(start), F32(end)
+    step = (end32 - start32) / F32(steps - 1)
+    half = steps // 2
+    up = fma(step, np.arange(half, dtype=F32), start32)
+    down = fma(-step, np.arange(steps - half - 1, -1, -1, dtype=F32), end32)
+    return np.concatenate([up, down])
+
+
 def alphas_cumprod(cfg: Mapping[str, Any]) -> np.ndarray:
     """[T] float32, diffusers' torch.cumprod(1 - betas) (torch accumulates float32 products in double)."""
     T = cfg["num_train_timesteps"]
     if cfg["beta_schedule"] == "linear":
-        betas = np.linspace(cfg["beta_start"], cfg["beta_end"], T).astype(F32)
+        betas = torch_linspace(cfg["beta_start"], cfg["beta_end"], T)
     else:  # scaled_linear: the latent-diffusion schedule
-        betas = np.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, T).astype(F32) ** 2
+        betas = torch_linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, T) ** 2
     return np.cumprod((F32(1) - betas).astype(np.float64)).astype(F32)
 
 
 def train_sigmas(cfg: Mapping[str, Any]) -> np.ndarray:
-    """[T] float32 noise levels sqrt((1 - a) / a) of the training timesteps 0..T-1."""
+    """[T] float32 noise levels sqrt((1 - a) / a) of the training timesteps 0..T-1 (torch's sqrt is
+    an ulp off this IEEE one for ~1 in 5 entries)."""
     ac = alphas_cumprod(cfg)
     return np.sqrt((F32(1) - ac) / ac)
+
+
+def _log32(x: np.ndarray) -> np.ndarray:
+    """float32 log, correctly rounded: nearer to torch's (MKL) than numpy's float32 log is."""
+    return np.log(np.asarray(x, np.float64)).astype(F32)
+
+
+def _exp32(x: np.ndarray) -> np.ndarray:
+    """float32 exp, correctly rounded (see _log32)."""
+    return np.exp(np.asarray(x, np.float64)).astype(F32)
 
 
 class Scheduler:
@@ -102,7 +127,7 @@ class _SigmaScheduler(Scheduler):
 
 
 class EulerDiscrete(_SigmaScheduler):
-    """diffusers' EulerDiscreteScheduler (s_churn 0)."""
+    """diffusers' EulerDiscreteScheduler (deterministic: s_churn 0)."""
 
     def _step(self, eps, i, x):
         sigma = self.sigmas[i]
@@ -162,10 +187,10 @@ class DPMSolverPlusPlus2M(Scheduler):
             sig = np.interp(timesteps, np.arange(T), sigmas)
         self.timesteps = timesteps.astype(F32)  # [N], whole numbers
         self.sigmas = np.concatenate([sig, [0.0]]).astype(F32)  # [N+1], ends at 0
-        with np.errstate(divide="ignore"):  # sigma 0: lambda = +inf, exp(-h) = 0
-            self.alpha = F32(1) / np.sqrt(self.sigmas * self.sigmas + F32(1))  # [N+1]
-            self.sigma_t = self.sigmas * self.alpha
-            self.lam = np.log(self.alpha) - np.log(self.sigma_t)  # log-SNR / 2
+        self.alpha = F32(1) / np.sqrt(self.sigmas * self.sigmas + F32(1))  # [N+1]
+        self.sigma_t = self.sigmas * self.alpha
+        with np.errstate(divide="ignore"):  # sigma 0: lambda = +inf, so exp(-h) = 0
+            self.lam = _log32(self.alpha) - _log32(self.sigma_t)  # [N+1] log-SNR / 2
         self._prev_x0: np.ndarray | None = None
 
     @staticmethod
@@ -187,9 +212,9 @@ class DPMSolverPlusPlus2M(Scheduler):
     def _step(self, eps, i, x):
         x0 = (x - self.sigma_t[i] * eps) / self.alpha[i]  # the data prediction
         h = self.lam[i + 1] - self.lam[i]
-        c = self.alpha[i + 1] * (np.exp(-h) - F32(1))
+        c = self.alpha[i + 1] * (_exp32(-h) - F32(1))
         out = (self.sigma_t[i + 1] / self.sigma_t[i]) * x - c * x0
-        if self._prev_x0 is not None and i < len(self.timesteps) - 1:
+        if 0 < i < len(self.timesteps) - 1:  # second order: D1 from the previous data prediction
             r0 = (self.lam[i] - self.lam[i - 1]) / h
             d1 = (F32(1) / r0) * (x0 - self._prev_x0)
             out = out - (F32(0.5) * c) * d1
@@ -223,7 +248,7 @@ class SchedulerSpec:
 
     diffusers_class: str
     diffusers_kwargs: Mapping[str, Any]
-    numpy_class: type[Scheduler]
+    numpy_class: Callable[..., Scheduler]  # (schedule_config, num_steps, **diffusers_kwargs)
 
 
 _DPMPP_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
