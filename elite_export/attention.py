@@ -22,11 +22,15 @@ from torch import nn
 ATTENTION_IMPLS = ("formula", "plugin")
 
 
-def local_scale(p_index: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """lam * m / max m, per sample.  p_index: [B,H,N] attention on the placeholder; lam: [B] -> [B,H,N,1]."""
-    m = p_index.float()
-    m_max = m.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return (lam.float().view(-1, 1, 1) * m / m_max).unsqueeze(-1)
+class LocalScale(nn.Module):
+    """lam * m / max m per sample, in fp32 (kept fp32 in fp16 graphs: see export's Fp16Policy).
+
+    p_index: [B,H,N] attention paid to the placeholder; lam: [B] -> [B,H,N,1]."""
+
+    def forward(self, p_index: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        m = p_index.float()
+        m_max = m.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return (lam.float().view(-1, 1, 1) * m / m_max).unsqueeze(-1)
 
 
 class EliteCrossAttnProcessor(nn.Module):
@@ -37,6 +41,7 @@ class EliteCrossAttnProcessor(nn.Module):
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
         self.to_k_local, self.to_v_local, self.attention = to_k_local, to_v_local, attention
+        self.local_scale = LocalScale()
 
     def __call__(  # noqa: D102 - diffusers calls processors directly; the signature names the kwargs it passes
         self,
@@ -73,7 +78,7 @@ class EliteCrossAttnProcessor(nn.Module):
                 out_l = (q @ k_l.transpose(-1, -2) * attn.scale).softmax(dim=-1) @ v_l  # [B,H,N,d]
         if local:
             lam = elite_lambda if elite_lambda is not None else torch.ones(B, device=q.device)
-            out = out + (local_scale(p_index, lam) * out_l.float()).to(out.dtype)
+            out = out + (self.local_scale(p_index, lam) * out_l.float()).to(out.dtype)
         out = out.transpose(1, 2).reshape(B, N, -1)  # [B,N,H*d]
         return attn.to_out[1](attn.to_out[0](out))
 

@@ -85,11 +85,11 @@ def generate(sd, image_encoder, global_mapper, local_mapper, image, mask, prompt
     import torch
 
     from elite_export.checkpoints import load_models
-    from elite_export.pipeline import ElitePipeline, Request
+    from elite_export.pipeline import ElitePipeline
     from elite_export.runtime.console import progress
     from elite_export.runtime.images import save_png
     from elite_export.runtime.preprocess import load_concept
-    from elite_export.runtime.requests import words_slice
+    from elite_export.runtime.requests import Request, words_slice
 
     settings = settings_from(scheduler, steps, guidance, height, width)
     settings.check_size()
@@ -108,3 +108,11 @@ def generate(sd, image_encoder, global_mapper, local_mapper, image, mask, prompt
             "placeholder": placeholder, "dtype": dtype, "backend": "torch", **settings.to_dict()}
     save_png(output, img, meta)
     click.echo(f"wrote {output} ({width}x{height}; load {t1 - t0:.1f} s, generate {t2 - t1:.1f} s)")
+
+
+def _register_subcommands() -> None:
+    """Commands defined in their own modules (kept short); imported for their @main.command side effect."""
+    import elite_export.cli_bundle  # noqa: F401
+
+
+_register_subcommands()

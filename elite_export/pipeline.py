@@ -7,7 +7,7 @@ UNet call on [uncond rows; cond rows] with lambda = 0 on the unconditional rows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 from typing import Callable
 
 import numpy as np
@@ -18,20 +18,11 @@ from elite_export.errors import EliteError
 from elite_export.mappers import clip_features
 from elite_export.runtime.preprocess import ConceptInputs
 from elite_export.runtime.prompt import PromptTokenizer
-from elite_export.runtime.requests import GenerationSettings, words_slice
+from elite_export.runtime.requests import GenerationSettings, Request
+from elite_export.runtime.timing import StageTimer
 from elite_export.schedulers import make_diffusers_scheduler
 
 VAE_SCALE = 0.18215
-
-
-@dataclass
-class Request:
-    concept: ConceptInputs
-    prompt: str
-    seed: int
-    mode: str = "local"  # local: w0 + local branch; global: words, no local branch
-    words: str = "all"  # global mode: "all" or "0".."4"
-    lam: float = 0.8
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -55,6 +46,7 @@ class ElitePipeline:
         self.tokenizer = PromptTokenizer(models.tokenizer.backend_tokenizer, placeholder)
         vae_blocks = len(models.vae.config.block_out_channels)
         self.vae_factor = 2 ** (vae_blocks - 1)
+        self.timer = StageTimer()
 
     def _tensor(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, self.dtype)
@@ -85,18 +77,23 @@ class ElitePipeline:
                   index: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """One UNet call on N rows: latents [N,4,h,w], t [N], text [N,77,D], local [N,256,D], index/lam [N]."""
         kwargs = {"elite_local": local, "elite_index": index, "elite_lambda": lam}
-        return self.models.unet(latents, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+        with self.timer.stage("unet"):
+            return self.models.unet(latents, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.models.vae.decode(latents / VAE_SCALE).sample
+        with self.timer.stage("vae_decoder"):
+            return self.models.vae.decode(latents / VAE_SCALE).sample
 
     @torch.no_grad()
     def conditioning(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> text [B,77,D] (cond), local [B,256,D], placeholder index [B], lambda [B]."""
         if any(r.mode == "local" for r in requests) and self.models.local_mapper is None:
             raise EliteError("local mode needs --local-mapper; give it or use --mode global")
-        words, local = self.encode_concepts([r.concept for r in requests])
+        if not all(isinstance(r.concept, ConceptInputs) for r in requests):
+            raise EliteError("the PyTorch reference takes concept images (--image/--mask), not .concept files")
+        with self.timer.stage("concept_encoder"):
+            words, local = self.encode_concepts([r.concept for r in requests])
         if local is None:
             local = torch.zeros(words.shape[0], len(requests[0].concept.mask), words.shape[2],
                                 device=self.device, dtype=self.dtype)
@@ -104,11 +101,12 @@ class ElitePipeline:
                            dtype=self.dtype)
         rows_by_slice: dict[tuple[int, int], list[int]] = {}
         for i, r in enumerate(requests):
-            rows_by_slice.setdefault(words_slice(r.mode, r.words), []).append(i)
+            rows_by_slice.setdefault(r.words_slice, []).append(i)
         for (lo, hi), rows in rows_by_slice.items():  # one text-encoder call per number of words K
-            text[rows] = self.encode_text([requests[i].prompt for i in rows], words[rows, lo:hi])
+            with self.timer.stage("text_encoder"):
+                text[rows] = self.encode_text([requests[i].prompt for i in rows], words[rows, lo:hi])
         index = torch.tensor([self.tokenizer.placeholder_index(r.prompt) for r in requests], device=self.device)
-        lam = torch.tensor([r.lam if r.mode == "local" else 0.0 for r in requests], device=self.device)
+        lam = torch.tensor([r.local_weight for r in requests], device=self.device)
         return text, local, index, lam
 
     @torch.no_grad()
@@ -117,6 +115,7 @@ class ElitePipeline:
         """-> uint8 images [B,H,W,3]."""
         settings.check_size(multiple=64)
         B = len(requests)
+        t_start = time.perf_counter()
         h, w = settings.height // self.vae_factor, settings.width // self.vae_factor
         text, local, index, lam = self.conditioning(requests)
         uncond = self.encode_text([""], None).expand(B, -1, -1)
@@ -135,4 +134,6 @@ class ElitePipeline:
             latents = scheduler.step(eps, t, latents).prev_sample
             if on_step is not None:
                 on_step(i + 1, settings.steps)
-        return to_uint8(self.decode(latents))
+        images = to_uint8(self.decode(latents))
+        self.timer.add("total", time.perf_counter() - t_start)
+        return images

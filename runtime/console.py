@@ -49,7 +49,7 @@ def format_table(headers: list[str], rows: list[list]) -> str:
 
 def _fmt(c) -> str:
     if isinstance(c, float):
-        return f"{c:.3g}" if abs(c) < 1e-3 and c != 0 else f"{c:,.3f}" if abs(c) < 1000 else f"{c:,.0f}"
+        return f"{c:.3g}" if abs(c) < 1 else f"{c:,.2f}" if abs(c) < 1000 else f"{c:,.0f}"
     return str(c)
 
 

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from elite_export.errors import EliteError
+from elite_export.runtime.preprocess import ConceptInputs
 
 MODES = ("local", "global")
 WORD_CHOICES = ("all", "0", "1", "2", "3", "4")
@@ -49,3 +52,34 @@ class GenerationSettings:
     def to_dict(self) -> dict:
         return {"scheduler": self.scheduler, "steps": self.steps, "guidance": self.guidance,
                 "height": self.height, "width": self.width}
+
+
+@dataclass
+class EncodedConcept:
+    """A concept already through the concept encoder (from a .concept file)."""
+    words: np.ndarray  # [5,D] float32
+    local_tokens: np.ndarray  # [P,D] float32 (masked)
+    source: str = ""
+
+
+@dataclass
+class Request:
+    """One image to generate: a row of a batch."""
+    concept: ConceptInputs | EncodedConcept
+    prompt: str
+    seed: int
+    mode: str = "local"  # local: w0 + local branch; global: words, no local branch
+    words: str = "all"  # global mode: "all" or "0".."4"
+    lam: float = DEFAULT_LAMBDA
+
+    @property
+    def words_slice(self) -> tuple[int, int]:
+        return words_slice(self.mode, self.words)
+
+    @property
+    def local_weight(self) -> float:
+        """lambda on the conditional row: the local branch runs in local mode only."""
+        return self.lam if self.mode == "local" else 0.0
+
+    def meta(self) -> dict:
+        return {"prompt": self.prompt, "seed": self.seed, "mode": self.mode, "words": self.words, "lambda": self.lam}

@@ -1,0 +1,214 @@
+"""checkpoints -> bundle folder: ONNX graphs (fp32 for ONNX Runtime, fp16 for TensorRT), tokenizer,
+unconditional embedding, manifest. See runtime/bundle.py for the layout.
+
+Re-running with unchanged inputs reuses every graph: each graph's file name carries its content
+key (sha256 of the source checkpoints, spec, shape ranges, export settings, precision policy and
+library versions), so reuse is decided by content, never by a file merely existing. New files
+never overwrite old ones and manifest.json is replaced last and atomically, so an interrupted
+build leaves the previous bundle intact (or, for a new bundle, a folder with no manifest, which
+nothing mistakes for a bundle). Files no manifest references are removed after a good build.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+import elite_export
+from elite_export.checkpoints import CheckpointPaths, EliteModels, load_models
+from elite_export.errors import EliteError
+from elite_export.export import ExportSettings, Fp16Policy, export_onnx, to_fp16
+from elite_export.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, file_sha256
+from elite_export.runtime.prompt import PromptTokenizer
+from elite_export.runtime.requests import DEFAULT_LAMBDA, PAPER_SCHEDULER_CONFIG
+from elite_export.specs import GRAPH_NAMES, ShapeRanges, spec
+
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    ranges: ShapeRanges = ShapeRanges()
+    precisions: tuple[str, ...] = PRECISIONS
+    attention: str = "formula"  # or "plugin": ELITE cross-attention as one custom node (TensorRT)
+    export: ExportSettings = ExportSettings()
+    fp16: Fp16Policy = Fp16Policy()
+    placeholder: str = "S"
+    force: bool = False
+
+
+@dataclass
+class GraphReport:
+    graph: str
+    precision: str
+    action: str  # exported | converted | reused
+    seconds: float
+    megabytes: float
+
+
+@dataclass
+class BuildResult:
+    manifest: dict
+    reports: list[GraphReport] = field(default_factory=list)
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"elite-export": elite_export.__version__}
+    for dist in ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def graph_key(name: str, precision: str, sources: dict, options: BuildOptions, spec_dict: dict,
+              versions: dict) -> str:
+    """Everything a graph file's content depends on."""
+    return sha256_json({"graph": name, "precision": precision, "sources": {k: v["sha256"] for k, v in sources.items()},
+                        "spec": spec_dict, "ranges": options.ranges.to_dict(), "attention": options.attention,
+                        "export": asdict(options.export), "fp16": options.fp16.to_dict() if precision == "fp16" else None,
+                        "versions": versions})
+
+
+def graph_entry(bundle_dir: str, rel: str, key: str) -> dict:
+    entry = {"path": rel, "sha256": file_sha256(os.path.join(bundle_dir, rel)), "key": key}
+    data = rel + ".data"
+    if os.path.exists(os.path.join(bundle_dir, data)):
+        entry["external_data"] = {data: file_sha256(os.path.join(bundle_dir, data))}
+    return entry
+
+
+def reusable(old: dict | None, bundle_dir: str, key: str) -> bool:
+    """The previous manifest's entry has this key and its files are intact."""
+    if not old or old.get("key") != key:
+        return False
+    files = [(old["path"], old["sha256"]), *old.get("external_data", {}).items()]
+    return all(os.path.isfile(os.path.join(bundle_dir, p)) and file_sha256(os.path.join(bundle_dir, p)) == s
+               for p, s in files)
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".part")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def previous_manifest(out: str) -> dict:
+    try:
+        return Bundle.open(out).manifest
+    except EliteError:
+        return {}
+
+
+def export_graphs(models: EliteModels, out: str, options: BuildOptions, sources: dict, versions: dict,
+                  old: dict, on_graph: Callable[[str], None]) -> tuple[dict, list[GraphReport]]:
+    from elite_export.graphs import graph_module, model_dims
+
+    dims = model_dims(models)
+    graphs, reports = {}, []
+    for name in GRAPH_NAMES:
+        sp = spec(name, dims)
+        files = {}
+        for precision in options.precisions:
+            key = graph_key(name, precision, sources, options, sp.to_dict(), versions)
+            rel = f"onnx/{precision}/{name}-{key[:16]}.onnx"
+            prev = old.get("graphs", {}).get(name, {}).get("files", {}).get(precision)
+            t0 = time.perf_counter()
+            if not options.force and reusable(prev, out, key):
+                files[precision], action = prev, "reused"
+            else:
+                os.makedirs(os.path.join(out, f"onnx/{precision}"), exist_ok=True)
+                if precision == "fp32":
+                    export_onnx(graph_module(name, models), sp, options.ranges, os.path.join(out, rel), options.export)
+                    action = "exported"
+                else:  # fp16 from this build's fp32 graph
+                    if "fp32" not in files:
+                        raise EliteError("--precision fp16 needs fp32 too (the fp16 graph is converted from it)")
+                    to_fp16(os.path.join(out, files["fp32"]["path"]), os.path.join(out, rel), options.fp16)
+                    action = "converted"
+                files[precision] = graph_entry(out, rel, key)
+            size = sum(os.path.getsize(os.path.join(out, p)) for p in [files[precision]["path"],
+                                                                        *files[precision].get("external_data", {})])
+            reports.append(GraphReport(name, precision, action, time.perf_counter() - t0, size / 2**20))
+        graphs[name] = {"spec": sp.to_dict(), "files": files}
+        on_graph(name)
+    return graphs, reports
+
+
+def write_text_assets(models: EliteModels, out: str, placeholder: str) -> dict:
+    """tokenizer.json and the unconditional embedding (text encoder on "" without injection)."""
+    import torch
+
+    tok_path, uncond_path = os.path.join(out, "tokenizer.json"), os.path.join(out, "uncond_embedding.npy")
+    tokenizer = PromptTokenizer(models.tokenizer.backend_tokenizer, placeholder)  # refuses a multi-token placeholder
+    with torch.no_grad():
+        uncond = models.text_encoder(torch.from_numpy(tokenizer.ids(""))[None]).numpy().astype(np.float32)
+    models.tokenizer.backend_tokenizer.save(tok_path + ".part")
+    os.replace(tok_path + ".part", tok_path)
+    with open(uncond_path + ".part", "wb") as f:
+        np.save(f, uncond)
+    os.replace(uncond_path + ".part", uncond_path)
+    return {"tokenizer": {"path": "tokenizer.json", "sha256": file_sha256(tok_path)},
+            "unconditional_embedding": {"path": "uncond_embedding.npy",
+                                        "sha256": file_sha256(os.path.join(out, "uncond_embedding.npy"))}}
+
+
+def remove_unreferenced(out: str, manifest: dict) -> None:
+    keep = {e["path"] for g in manifest["graphs"].values() for e in g["files"].values()}
+    keep |= {p for g in manifest["graphs"].values() for e in g["files"].values() for p in e.get("external_data", {})}
+    for precision in PRECISIONS:
+        folder = os.path.join(out, "onnx", precision)
+        for f in os.listdir(folder) if os.path.isdir(folder) else []:
+            if f"onnx/{precision}/{f}" not in keep:
+                os.remove(os.path.join(folder, f))
+
+
+def build_bundle(paths: CheckpointPaths, out: str, options: BuildOptions = BuildOptions(),
+                 on_graph: Callable[[str], None] = lambda name: None) -> BuildResult:
+    """Export every graph of the checkpoints at `paths` into the bundle folder `out`."""
+    from elite_export.graphs import model_dims
+
+    if options.attention not in ("formula", "plugin"):
+        raise EliteError(f"--attention must be formula or plugin, got {options.attention!r}")
+    os.makedirs(out, exist_ok=True)
+    old = previous_manifest(out)
+    sources = paths.sources()
+    versions = library_versions()
+    models = load_models(paths, options.attention)
+    dims = model_dims(models)
+    options.ranges.check(dims)
+    assets = write_text_assets(models, out, options.placeholder)
+    graphs, reports = export_graphs(models, out, options, sources, versions, old, on_graph)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "bundle_id": sha256_json({"sources": {k: v["sha256"] for k, v in sources.items()},
+                                  "placeholder": options.placeholder})[:32],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": dims.to_dict(), "ranges": options.ranges.to_dict(), "static": options.ranges.static,
+        "attention": options.attention, "precisions": list(options.precisions),
+        "fp16_policy": options.fp16.to_dict(), "export": asdict(options.export),
+        "graphs": graphs, **assets,
+        "scheduler_config": dict(PAPER_SCHEDULER_CONFIG),
+        "placeholder": options.placeholder, "default_lambda": DEFAULT_LAMBDA, "default_mode": "local",
+        "default_words": "all", "has_local_mapper": models.local_mapper is not None,
+        "sources": sources, "versions": versions,
+        "engines": old.get("engines", {}),
+    }
+    write_json_atomic(os.path.join(out, MANIFEST), manifest)
+    remove_unreferenced(out, manifest)
+    return BuildResult(manifest, reports)

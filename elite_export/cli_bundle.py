@@ -1,0 +1,134 @@
+"""`elite-export build` and `elite-export check`."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from elite_export.cli import checkpoint_options, checkpoint_paths, main
+from elite_export.errors import EliteError
+from elite_export.runtime.console import format_table, progress
+
+
+def parse_csv(value: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise EliteError(f"{flag} takes a comma-separated list of {', '.join(allowed)}; got {value!r}")
+    return items
+
+
+def toy_checkpoints(bundle: str, seed: int):
+    """The tiny model for --toy, written beside the bundle's files (kept: --backend torch reads it)."""
+    from elite_export.checkpoints import CheckpointPaths
+    from elite_export.toy import make_toy
+
+    root = os.path.join(bundle, f"toy-source-{seed}")
+    if not os.path.isfile(os.path.join(root, "local_mapper.pt")):
+        make_toy(root, seed)
+    return CheckpointPaths(f"{root}/sd", f"{root}/image_encoder", f"{root}/global_mapper.pt", f"{root}/local_mapper.pt")
+
+
+@main.command()
+@checkpoint_options
+@click.option("--toy", is_flag=True, help="Build from a tiny random ELITE made in code (no checkpoints needed).")
+@click.option("--toy-seed", type=int, default=0, show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Bundle folder to write.")
+@click.option("--precision", default="fp32,fp16", show_default=True,
+              help="fp32: graphs for ONNX Runtime on the CPU; fp16: for TensorRT (fp32 islands, fp32 I/O).")
+@click.option("--batch", "batch", nargs=3, type=int, default=(1, 1, 4), show_default=True,
+              metavar="MIN OPT MAX", help="Requests per call (the UNet runs 2x: [uncond; cond]).")
+@click.option("--size", nargs=3, type=int, default=(256, 512, 1024), show_default=True, metavar="MIN OPT MAX",
+              help="Image height/width range in px, multiples of 64.")
+@click.option("--static", is_flag=True, help="Fixed shapes at the OPT batch and size (what CUDA graphs want).")
+@click.option("--attention", type=click.Choice(["formula", "plugin"]), default="formula", show_default=True,
+              help="plugin: each ELITE cross-attention as one custom node for TensorRT's plugin.")
+@click.option("--fp32-ops", default=None, help="Op types kept fp32 in fp16 graphs (comma-separated; default: "
+              "Softmax,LayerNormalization,InstanceNormalization,GroupNormalization).")
+@click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--no-fold", is_flag=True, help="Skip constant folding.")
+@click.option("--placeholder", default="S", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt: also build fp16 TensorRT engines (needs TensorRT and a GPU).")
+@click.option("--force", is_flag=True, help="Rebuild every graph even when its inputs are unchanged.")
+def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output, precision, batch, size, static,
+          attention, fp32_ops, opset, no_fold, placeholder, backend, force) -> None:
+    """Export the checkpoints into a self-contained bundle folder.
+
+    Writes every graph as ONNX (fp32 for ONNX Runtime, fp16 for TensorRT), the tokenizer, the
+    unconditional embedding and manifest.json. Re-running with unchanged inputs reuses what
+    exists (decided by content hashes); an interrupted build never leaves a bundle that looks
+    complete.
+
+    \b
+      elite-export build --toy -o bundle
+      elite-export build --sd sd-v1-4 --image-encoder clip-vit-large-patch14 \\
+          --global-mapper global_mapper.pt --local-mapper local_mapper.pt -o elite-bundle
+    """
+    from elite_export.bundle_build import PRECISIONS, BuildOptions, build_bundle
+    from elite_export.export import ExportSettings, Fp16Policy
+    from elite_export.specs import ShapeRanges
+
+    precisions = parse_csv(precision, PRECISIONS, "--precision")
+    if backend == "tensorrt" and "fp16" not in precisions:
+        raise EliteError("--backend tensorrt builds engines from the fp16 graphs: add fp16 to --precision")
+    ranges = ShapeRanges((batch[1],) * 3, (size[1],) * 3) if static else ShapeRanges(tuple(batch), tuple(size))
+    policy = Fp16Policy() if fp32_ops is None else Fp16Policy(fp32_ops=tuple(o.strip() for o in fp32_ops.split(",")))
+    options = BuildOptions(ranges, precisions, attention, ExportSettings(opset, not no_fold), policy, placeholder, force)
+    paths = toy_checkpoints(output, toy_seed) if toy else checkpoint_paths(sd, image_encoder, global_mapper,
+                                                                           local_mapper)
+    with progress(4, "exporting graphs") as bar:
+        result = build_bundle(paths, output, options, on_graph=lambda name: (bar.set_postfix_str(name), bar.update()))
+    rows = [[r.graph, r.precision, r.action, r.seconds, r.megabytes] for r in result.reports]
+    click.echo(format_table(["graph", "precision", "action", "seconds", "MiB"], rows))
+    if backend == "tensorrt":
+        from elite_export.engines.build_bundle_engines import build_bundle_engines
+
+        build_bundle_engines(output, ranges)
+    click.echo(f"bundle written to {output} (id {result.manifest['bundle_id']})")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--precision", default=None, help="Graphs to check (default: every precision in the bundle).")
+@click.option("--image", type=click.Path(), multiple=True, help="Also check on this concept image (repeatable).")
+@click.option("--mask", type=click.Path(), multiple=True, help="Its object mask (one per --image).")
+@click.option("--prompt", multiple=True, default=("a photo of a S", "a S in the style of Van Gogh"),
+              show_default=True, help="Prompts for the --image cases.")
+@click.option("--calib", is_flag=True, help="Sweep the calibration set (calib/) and report the worst case per output.")
+@click.option("--all-cases", is_flag=True, help="Print every case, not only the worst per graph and output.")
+def check(bundle, precision, image, mask, prompt, calib, all_cases) -> None:
+    """Run every graph on ONNX Runtime against the PyTorch reference; exit 1 on any failure.
+
+    The reference is loaded from the source checkpoints recorded in the bundle's manifest.
+    Prints max abs / max rel error per graph and output against the graph spec's tolerance."""
+    from elite_export.calib import calibration_set
+    from elite_export.parity import HEADERS, ParityChecker, concept_cases, sample_cases, worst_per_output
+    from elite_export.runtime.bundle import Bundle
+
+    b = Bundle.open(bundle)
+    precisions = parse_csv(precision, tuple(b.manifest["precisions"]), "--precision") if precision \
+        else tuple(b.manifest["precisions"])
+    if len(image) != len(mask):
+        raise EliteError("give one --mask per --image")
+    checker = ParityChecker(b, precisions)
+    cases = list(sample_cases(b))
+    concepts, prompts = list(zip(image, mask)), list(prompt)
+    if calib:
+        cs = calibration_set()
+        concepts, prompts = concepts + list(cs.concepts), prompts + list(cs.prompts)
+    if concepts:
+        cases += list(concept_cases(b, checker.models, concepts, prompts))
+    rows = []
+    with progress(len(cases), "checking") as bar:
+        for case in cases:
+            rows += checker.check(case)
+            bar.update()
+    shown = rows if all_cases else worst_per_output(rows)
+    click.echo(format_table(HEADERS, [r.cells() for r in shown]))
+    failed = [r for r in rows if not r.passed]
+    click.echo(f"{len(rows) - len(failed)}/{len(rows)} comparisons within tolerance over {len(cases)} cases"
+               + ("" if all_cases else " (worst case per graph and output shown)"))
+    if failed:
+        sys.exit(1)

@@ -1,0 +1,150 @@
+"""torch module + GraphSpec -> ONNX file, in small passes that can each be switched off.
+
+    export_onnx     torch.onnx.export(dynamo=True): ~2.5x smaller graphs than TorchScript, converts
+                    to fp16 cleanly, and records each node's module class (used by the fp16 policy)
+    name_io_dims    graph I/O dims named by the spec's symbols (B, h, w, K, ...)
+    fold_constants  onnx-graphsurgeon constant folding + dead-node cleanup
+    check           onnx.checker + shape inference (path-based: works past 2 GB)
+    to_fp16         fp16 weights and math for TensorRT, with fp32 islands per Fp16Policy, fp32 I/O
+
+Graphs over 2 GB (the SD 1.4 UNet in fp32 is ~3.4 GB) are written with their weights in one
+external-data file beside them (`<name>.onnx.data`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import onnx
+import torch
+
+from elite_export.specs import GraphSpec, ShapeRanges
+
+PROTOBUF_LIMIT = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    opset: int = 18  # TensorRT 10's parser covers opsets 9-20
+    fold_constants: bool = True
+    check: bool = True
+
+
+@dataclass(frozen=True)
+class Fp16Policy:
+    """What stays fp32 in fp16 graphs (as ModelOpt's AutoCast / onnxruntime's force_fp32_ops).
+
+    fp32_ops: op types whose accumulation overflows or loses too much in fp16 (softmax, the
+    statistics of LayerNorm and GroupNorm (exported as InstanceNormalization)).
+    fp32_modules: torch module classes whose every node stays fp32 (ELITE's m / max m)."""
+    fp32_ops: tuple[str, ...] = ("Softmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization")
+    fp32_modules: tuple[str, ...] = ("elite_export.attention.LocalScale",)
+
+    def to_dict(self) -> dict:
+        return {"fp32_ops": list(self.fp32_ops), "fp32_modules": list(self.fp32_modules)}
+
+
+def example_dims(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, int]:
+    """Trace inputs: the opt size and a batch of >= 2 where the batch is dynamic (avoids 0/1 specialisation)."""
+    batch = ranges.batch[1] if ranges.batch[0] == ranges.batch[2] else max(2, ranges.batch[1])
+    return spec.dims(batch, ranges.size[1], ranges.size[1], spec.k_range[1])
+
+
+def dynamic_shapes(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, dict[int, object]]:
+    """torch.export dynamic_shapes keyed by argument name, from the spec's varying symbols."""
+    from torch.export import Dim
+
+    m = spec.model
+    f, lm = spec.batch_factor, m.latent_multiple
+    blocks = (ranges.size[0] // m.size_multiple, ranges.size[2] // m.size_multiple)
+    axes = spec.dynamic_axes(ranges)
+    varying = {s for a in axes.values() for s in a.values()}
+    dims = {}
+    if "B" in varying:
+        dims["B"] = Dim("B", min=ranges.batch[0] * f, max=ranges.batch[2] * f)
+    if "h" in varying:
+        dims["h"] = Dim("h_blocks", min=blocks[0], max=blocks[1]) * lm
+        dims["w"] = Dim("w_blocks", min=blocks[0], max=blocks[1]) * lm
+    if "K" in varying:
+        dims["K"] = Dim("K", min=spec.k_range[0], max=spec.k_range[2])
+    return {t.name: {i: dims[s] for i, s in axes[t.name].items()} for t in spec.inputs}
+
+
+def save(model: onnx.ModelProto, path: str) -> None:
+    """Write `model`; weights go to one `<file>.data` beside it when the graph passes 2 GB."""
+    data = os.path.basename(path) + ".data"
+    if os.path.exists(path + ".data"):
+        os.remove(path + ".data")
+    big = model.ByteSize() > PROTOBUF_LIMIT if model.ByteSize() >= 0 else True
+    onnx.save_model(model, path, save_as_external_data=big, all_tensors_to_one_file=True, location=data,
+                    size_threshold=1024)
+
+
+def export_onnx(module: torch.nn.Module, spec: GraphSpec, ranges: ShapeRanges, path: str,
+                settings: ExportSettings = ExportSettings()) -> None:
+    """The dynamo export of `module` with the spec's names and (unless static) dynamic axes."""
+    dims = example_dims(spec, ranges)
+    args = tuple(torch.from_numpy(a) for a in spec.sample_inputs(dims).values())
+    dyn = None if ranges.static else dynamic_shapes(spec, ranges)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module, args, dynamo=True, dynamic_shapes=dyn, opset_version=settings.opset, verbose=False,
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs])
+    model = program.model_proto
+    name_io_dims(model, spec, ranges)
+    save(model, path)
+    if settings.fold_constants:
+        fold_constants(path)
+    if settings.check:
+        check(path)
+
+
+def name_io_dims(model: onnx.ModelProto, spec: GraphSpec, ranges: ShapeRanges) -> None:
+    """Rename the graph I/O's dynamic dims to the spec's symbols (B, h, w, Y, X, K)."""
+    axes = spec.dynamic_axes(ranges)
+    for vi in list(model.graph.input) + list(model.graph.output):
+        for i, sym in axes.get(vi.name, {}).items():
+            vi.type.tensor_type.shape.dim[i].dim_param = sym
+
+
+def fold_constants(path: str) -> None:
+    save(tidy(onnx.load(path), fold=True), path)
+
+
+def tidy(model: onnx.ModelProto, fold: bool = False) -> onnx.ModelProto:
+    """onnx-graphsurgeon: (constant folding,) dead-node cleanup, topological order."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    if fold:
+        graph.fold_constants()
+    return gs.export_onnx(graph.cleanup().toposort())
+
+
+def check(path: str) -> None:
+    """onnx.checker (full check) and strict shape inference; both by path so > 2 GB works."""
+    onnx.checker.check_model(path, full_check=True)
+
+
+def blocked_nodes(model: onnx.ModelProto, fp32_modules: tuple[str, ...]) -> list[str]:
+    """Names of nodes traced from inside any of `fp32_modules` (from the dynamo exporter's metadata)."""
+    names = []
+    for node in model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        if any(m in meta.get("pkg.torch.onnx.class_hierarchy", "") for m in fp32_modules):
+            names.append(node.name)
+    return names
+
+
+def to_fp16(src: str, dst: str, policy: Fp16Policy = Fp16Policy()) -> None:
+    """fp32 ONNX -> fp16 ONNX with fp32 islands and fp32 graph I/O (casts inside)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(src)
+    block = blocked_nodes(model, policy.fp32_modules)
+    big = model.ByteSize() > PROTOBUF_LIMIT
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(policy.fp32_ops),
+                                     node_block_list=block, disable_shape_infer=big)
+    save(tidy(model), dst)  # the converter appends its casts out of order
+    check(dst)
+

@@ -1,0 +1,150 @@
+"""ELITE generation entirely through a bundle's graphs (no torch, diffusers or transformers).
+
+Per batch of requests: concept encoder once per concept (skipped for .concept files), text encoder
+once per number of injected words, then one UNet call per step on [uncond; cond] rows (lambda = 0
+on uncond rows), the numpy scheduler, and the VAE decoder. Noise is torch.randn's, bit for bit.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from elite_export.errors import EliteError
+from elite_export.runtime.backends import GraphRunner, OrtRunner
+from elite_export.runtime.bundle import Bundle
+from elite_export.runtime.noise import randn
+from elite_export.runtime.preprocess import ConceptInputs
+from elite_export.runtime.prompt import PromptTokenizer
+from elite_export.runtime.requests import EncodedConcept, GenerationSettings, Request
+from elite_export.runtime.schedulers import make_scheduler
+from elite_export.runtime.timing import StageTimer
+from elite_export.specs import GRAPH_NAMES
+
+
+def open_runners(bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu",
+                 threads: int = 0) -> dict[str, GraphRunner]:
+    if backend == "onnxruntime":
+        for name in GRAPH_NAMES:
+            problems = bundle.verify((name,), "fp32")
+            if problems:
+                raise EliteError(f"bundle {bundle.root!r}: {problems[0]}; rebuild it with `elite-export build`")
+        return {name: OrtRunner(bundle.spec(name), bundle.graph_path(name, "fp32"), device, threads)
+                for name in GRAPH_NAMES}
+    if backend == "tensorrt":
+        from elite_export.runtime.tensorrt_backend import open_trt_runners
+
+        return open_trt_runners(bundle, GRAPH_NAMES)
+    raise EliteError(f"unknown backend {backend!r}; choose onnxruntime or tensorrt")
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[B,3,H,W] in [0,1] (the VAE graph clamps) -> uint8 [B,H,W,3], rounded as the authors' th2image."""
+    return np.round(images.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+
+
+class RuntimePipeline:
+    def __init__(self, bundle: Bundle, runners: dict[str, GraphRunner]):
+        self.bundle, self.runners = bundle, runners
+        self.model, self.ranges = bundle.model, bundle.ranges
+        self.tokenizer = PromptTokenizer.from_file(bundle.tokenizer_path(), bundle.manifest["placeholder"])
+        self.uncond = bundle.unconditional_embedding()  # [1,77,D]
+        self.timer = StageTimer()
+
+    def run(self, graph: str, inputs: dict[str, np.ndarray], dims: dict[str, int]) -> dict[str, np.ndarray]:
+        with self.timer.stage(graph):
+            return self.runners[graph].run(inputs, dims)
+
+    def batch_size(self, n: int) -> int:
+        """Graph batch for n requests: static bundles run exactly their batch (padded)."""
+        lo, _, hi = self.ranges.batch
+        if n > hi:
+            raise EliteError(f"{n} requests in one batch; this bundle takes at most {hi} (--batch-size {hi})")
+        return hi if self.bundle.manifest.get("static") else max(n, lo)
+
+    def encode_concepts(self, concepts: list[ConceptInputs | EncodedConcept]) -> tuple[np.ndarray, np.ndarray]:
+        """-> words [n,5,D], local tokens [n,P,D].
+
+        Images go through the concept encoder one at a time: a concept's words are then bit-identical
+        whatever batch it arrives in (the mappers' small matmuls take other kernels at other batch
+        sizes), and the concept encoder is a small share of a generation."""
+        n, m = len(concepts), self.model
+        words = np.empty((n, m.words, m.text_dim), np.float32)
+        local = np.empty((n, m.patches, m.text_dim), np.float32)
+        b = self.batch_size(1)
+        dims = self.bundle.spec("concept_encoder").dims(b)
+        for i, c in enumerate(concepts):
+            if isinstance(c, EncodedConcept):
+                words[i], local[i] = c.words, c.local_tokens
+                continue
+            inputs = {"image": np.stack([c.pixels] * b), "object_image": np.stack([c.object_pixels] * b),
+                      "mask": np.stack([c.mask] * b)}
+            out = self.run("concept_encoder", inputs, dims)
+            words[i], local[i] = out["words"][0], out["local_tokens"][0]
+        return words, local
+
+    def encode_text(self, requests: list[Request], words: np.ndarray) -> np.ndarray:
+        """Conditional text embeddings [n,77,D]: one text-encoder call per number of words K."""
+        n, spec = len(requests), self.bundle.spec("text_encoder")
+        text = np.empty((n, self.model.tokens, self.model.text_dim), np.float32)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(r.words_slice, []).append(i)
+        for (lo, hi), rows in groups.items():
+            b = self.batch_size(len(rows))
+            pad = rows + [rows[-1]] * (b - len(rows))
+            encoded = [self.tokenizer.encode(requests[i].prompt) for i in pad]
+            inputs = {"input_ids": np.stack([ids for ids, _ in encoded]),
+                      "words": np.ascontiguousarray(words[pad, lo:hi]),
+                      "placeholder_index": np.array([idx for _, idx in encoded], np.int64)}
+            text[rows] = self.run("text_encoder", inputs, spec.dims(b, k=hi - lo))["text_embeddings"][: len(rows)]
+        return text
+
+    def __call__(self, requests: list[Request], settings: GenerationSettings,
+                 on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """-> uint8 images [n,H,W,3]. Rows are independent: each gets what it would get alone."""
+        m, r = self.model, self.ranges
+        settings.check_size(m.size_multiple, r.size[0], r.size[2])
+        if self.bundle.manifest.get("static") and (settings.height, settings.width) != (r.size[1], r.size[1]):
+            raise EliteError(f"this bundle has static shapes: {r.size[1]}x{r.size[1]} px only")
+        if any(q.mode == "local" for q in requests) and not self.bundle.manifest["has_local_mapper"]:
+            raise EliteError("local mode needs a bundle built with --local-mapper; use --mode global")
+        n = len(requests)
+        b = self.batch_size(n)
+        t_start = time.perf_counter()
+        for q in requests:  # user errors before any graph runs
+            self.tokenizer.placeholder_index(q.prompt)
+        words, local = self.encode_concepts([q.concept for q in requests])
+        text = self.encode_text(requests, words)
+        pad = list(range(n)) + [n - 1] * (b - n)
+        idx = np.array([self.tokenizer.placeholder_index(requests[i].prompt) for i in pad], np.int64)
+        lam = np.array([requests[i].local_weight for i in pad], np.float32)
+        unet_spec, h, w = self.bundle.spec("unet"), settings.height // m.vae_factor, settings.width // m.vae_factor
+        dims = unet_spec.dims(b, settings.height, settings.width)
+        feed = {"latents": np.empty((2 * b, m.latent_channels, h, w), np.float32),
+                "timestep": np.empty(2 * b, np.float32),
+                "text_embeddings": np.concatenate([np.repeat(self.uncond, b, axis=0), text[pad]]),
+                "local_tokens": np.concatenate([local[pad], local[pad]]),
+                "placeholder_index": np.concatenate([idx, idx]),
+                "lam": np.concatenate([np.zeros(b, np.float32), lam])}
+        scheduler = make_scheduler(settings.scheduler, self.bundle.manifest["scheduler_config"], settings.steps)
+        noise = np.concatenate([randn((1, m.latent_channels, h, w), requests[i].seed) for i in pad])
+        latents = noise * np.float32(scheduler.init_noise_sigma)
+        guidance = np.float32(settings.guidance)
+        for i, t in enumerate(scheduler.timesteps):
+            t0 = time.perf_counter()
+            x = scheduler.scale_model_input(latents, i)
+            feed["latents"][:b], feed["latents"][b:] = x, x
+            feed["timestep"][:] = t
+            eps = self.run("unet", feed, dims)["noise_pred"]
+            eps = eps[:b] + guidance * (eps[b:] - eps[:b])
+            latents = scheduler.step(eps, i, latents)
+            self.timer.add("step", time.perf_counter() - t0)
+            if on_step is not None:
+                on_step(i + 1, settings.steps)
+        out = self.run("vae_decoder", {"latents": latents}, self.bundle.spec("vae_decoder").dims(b, settings.height,
+                                                                                              settings.width))
+        images = to_uint8(out["image"][:n])
+        self.timer.add("total", time.perf_counter() - t_start)
+        return images
