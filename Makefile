@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 typecheck: $(STAMP)
-	$(BIN)/python -m mypy engines runtime/tensorrt_backend.py
+	$(BIN)/python scripts/typecheck_trt.py
 
 demo: $(STAMP)
 	$(BIN)/elite-export toy $(DEMO)/toy

@@ -51,9 +51,14 @@ def toy_checkpoints(bundle: str, seed: int):
 @click.option("--placeholder", default="S", show_default=True)
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: also build fp16 TensorRT engines (needs TensorRT and a GPU).")
+@click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="TensorRT builder optimization level.")
+@click.option("--workspace-mib", type=int, default=None, help="TensorRT workspace limit (default: TensorRT's).")
+@click.option("--refittable", is_flag=True, help="Build refittable TensorRT engines (weights swappable).")
 @click.option("--force", is_flag=True, help="Rebuild every graph even when its inputs are unchanged.")
 def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output, precision, batch, size, static,
-          attention, fp32_ops, opset, no_fold, placeholder, backend, force) -> None:
+          attention, fp32_ops, opset, no_fold, placeholder, backend, trt_opt_level, workspace_mib, refittable,
+          force) -> None:
     """Export the checkpoints into a self-contained bundle folder.
 
     Writes every graph as ONNX (fp32 for ONNX Runtime, fp16 for TensorRT), the tokenizer, the
@@ -83,9 +88,12 @@ def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output,
     rows = [[r.graph, r.precision, r.action, r.seconds, r.megabytes] for r in result.reports]
     click.echo(format_table(["graph", "precision", "action", "seconds", "MiB"], rows))
     if backend == "tensorrt":
-        from elite_export.engines.build_bundle_engines import build_bundle_engines
+        from elite_export.engines.trt_build import TrtBuildSettings, build_bundle_engines
+        from elite_export.runtime.bundle import Bundle
 
-        build_bundle_engines(output, ranges)
+        settings = TrtBuildSettings(optimization_level=trt_opt_level, workspace_mib=workspace_mib,
+                                    refittable=refittable, static_shapes=static)
+        build_bundle_engines(Bundle.open(output), settings, log=click.echo)
     click.echo(f"bundle written to {output} (id {result.manifest['bundle_id']})")
 
 

@@ -91,6 +91,7 @@ def export_onnx(module: torch.nn.Module, spec: GraphSpec, ranges: ShapeRanges, p
             module, args, dynamo=True, dynamic_shapes=dyn, opset_version=settings.opset, verbose=False,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs])
     model = program.model_proto
+    name_nodes_by_module(model)
     name_io_dims(model, spec, ranges)
     save(model, path)
     if settings.fold_constants:
@@ -105,6 +106,21 @@ def name_io_dims(model: onnx.ModelProto, spec: GraphSpec, ranges: ShapeRanges) -
     for vi in list(model.graph.input) + list(model.graph.output):
         for i, sym in axes.get(vi.name, {}).items():
             vi.type.tensor_type.shape.dim[i].dim_param = sym
+
+
+def name_nodes_by_module(model: onnx.ModelProto) -> None:
+    """Prefix each node's name with the torch module class it was traced in ("pkg.Class/name").
+
+    Node metadata does not survive graph rewrites (constant folding); names do, so the fp16 pass
+    finds the nodes of Fp16Policy.fp32_modules by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        meta = {p.key: p.value for p in node.metadata_props}
+        hierarchy = [c.strip(" '") for c in meta.get("pkg.torch.onnx.class_hierarchy", "").strip("[]").split(",")]
+        modules = [c for c in hierarchy if c and not c.startswith(("aten.", "prims.", "<built-in"))]
+        name = f"{modules[-1] if modules else 'graph'}/{node.name or node.op_type}"
+        node.name = name if name not in seen else f"{name}#{i}"
+        seen.add(node.name)
 
 
 def fold_constants(path: str) -> None:
@@ -127,13 +143,8 @@ def check(path: str) -> None:
 
 
 def blocked_nodes(model: onnx.ModelProto, fp32_modules: tuple[str, ...]) -> list[str]:
-    """Names of nodes traced from inside any of `fp32_modules` (from the dynamo exporter's metadata)."""
-    names = []
-    for node in model.graph.node:
-        meta = {p.key: p.value for p in node.metadata_props}
-        if any(m in meta.get("pkg.torch.onnx.class_hierarchy", "") for m in fp32_modules):
-            names.append(node.name)
-    return names
+    """Names of nodes traced inside any of `fp32_modules` (see name_nodes_by_module)."""
+    return [n.name for n in model.graph.node if n.name.split("/", 1)[0] in fp32_modules]
 
 
 def to_fp16(src: str, dst: str, policy: Fp16Policy = Fp16Policy()) -> None:

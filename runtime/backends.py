@@ -21,6 +21,7 @@ class GraphRunner(ABC):
 
     def __init__(self, spec: GraphSpec):
         self.spec = spec
+        self._outputs: dict[tuple, dict[str, np.ndarray]] = {}
 
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray], dims: dict[str, int]) -> dict[str, np.ndarray]:
@@ -33,6 +34,14 @@ class GraphRunner(ABC):
             if a is None or a.shape != want or a.dtype != np.dtype(t.dtype):
                 got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
                 raise ValueError(f"{self.spec.name}: input {t.name!r} is {got}, expected {t.dtype}{list(want)}")
+
+    def output_buffers(self, dims: dict[str, int]) -> dict[str, np.ndarray]:
+        """Host arrays for the outputs at `dims`, reused while the shapes stay the same."""
+        key = tuple(sorted(dims.items()))
+        if key not in self._outputs:
+            self._outputs = {key: {t.name: np.empty(self.spec.shape(t, dims), dtype=t.dtype)
+                                   for t in self.spec.outputs}}  # keep one shape set: the current one
+        return self._outputs[key]
 
     def close(self) -> None:
         """Release what the backend holds (device memory, sessions)."""
@@ -69,18 +78,10 @@ class OrtRunner(GraphRunner):
             raise EliteError(f"{spec.name}: onnxruntime cannot load {os.path.basename(path)} "
                              f"({str(e).splitlines()[0][:200]}); rebuild the bundle") from None
         self.device = device
-        self._outputs: dict[tuple, dict[str, np.ndarray]] = {}
-
-    def _output_buffers(self, dims: dict[str, int]) -> dict[str, np.ndarray]:
-        key = tuple(sorted(dims.items()))
-        if key not in self._outputs:
-            self._outputs = {key: {t.name: np.empty(self.spec.shape(t, dims), dtype=t.dtype)
-                                   for t in self.spec.outputs}}  # keep one shape set: the current one
-        return self._outputs[key]
 
     def run(self, inputs: dict[str, np.ndarray], dims: dict[str, int]) -> dict[str, np.ndarray]:
         self.check_inputs(inputs, dims)
-        outs = self._output_buffers(dims)
+        outs = self.output_buffers(dims)
         binding = self.session.io_binding()
         for t in self.spec.inputs:
             binding.bind_cpu_input(t.name, np.ascontiguousarray(inputs[t.name]))

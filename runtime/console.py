@@ -30,10 +30,11 @@ class EliteGroup(click.Group):
 
 
 def progress(total: int, desc: str, enabled: bool = True):
-    """A tqdm bar on stderr (off with enabled=False or when stderr is not wanted)."""
+    """A tqdm bar on stderr when stderr is a terminal (logs and pipes stay clean); off with enabled=False."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
+    show = enabled and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=not show, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:

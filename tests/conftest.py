@@ -74,3 +74,27 @@ def oracle():
     if not npz.exists() or not (ORACLE_FIXTURE / "local_mapper.pt").exists():
         pytest.skip("oracle fixture absent (run ../shared/oracle/setup.sh to build it)")
     return dict(np.load(npz)), ORACLE_FIXTURE
+
+
+TOY_RANGES = {"batch": (1, 2, 3), "size": (256, 384, 512)}
+
+
+@pytest.fixture(scope="session")
+def toy_bundle(tmp_path_factory) -> Path:
+    """One toy bundle (fp32 + fp16) shared by every xdist worker: built once under a file lock."""
+    import fcntl
+
+    from elite_export.bundle_build import BuildOptions, build_bundle
+    from elite_export.cli_bundle import toy_checkpoints
+    from elite_export.specs import ShapeRanges
+
+    base = tmp_path_factory.getbasetemp()  # xdist workers get <session>/popen-gwN: share <session>
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-toy-bundle"
+    root.mkdir(exist_ok=True)
+    bundle = root / "bundle"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (bundle / "manifest.json").exists():
+            ranges = ShapeRanges(TOY_RANGES["batch"], TOY_RANGES["size"])
+            build_bundle(toy_checkpoints(str(bundle), 0), str(bundle), BuildOptions(ranges=ranges))
+    return bundle
