@@ -41,6 +41,8 @@ class ElitePipeline:
                  placeholder: str = "S"):
         if dtype == torch.float16 and not str(device).startswith("cuda"):
             raise EliteError("fp16 needs a CUDA device; use --dtype fp32 on the CPU")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise EliteError("--dtype fp16 needs a CUDA device and none is available; use --dtype fp32")
         self.models = models.to(device, dtype)
         self.device, self.dtype = torch.device(device), dtype
         self.tokenizer = PromptTokenizer(models.tokenizer.backend_tokenizer, placeholder)
