@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import onnx
 import torch
+from google.protobuf.message import EncodeError
 
 from elite_export.specs import GraphSpec, ShapeRanges
 
@@ -70,12 +71,21 @@ def dynamic_shapes(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, dict[int, 
     return {t.name: {i: dims[s] for i, s in axes[t.name].items()} for t in spec.inputs}
 
 
+def too_big_for_protobuf(model: onnx.ModelProto) -> bool:
+    """Past 2 GB a proto cannot be serialized whole; upb's ByteSize() then raises EncodeError."""
+    try:
+        size = model.ByteSize()
+    except EncodeError:
+        return True
+    return size < 0 or size > PROTOBUF_LIMIT
+
+
 def save(model: onnx.ModelProto, path: str) -> None:
     """Write `model`; weights go to one `<file>.data` beside it when the graph passes 2 GB."""
     data = os.path.basename(path) + ".data"
     if os.path.exists(path + ".data"):
         os.remove(path + ".data")
-    big = model.ByteSize() > PROTOBUF_LIMIT if model.ByteSize() >= 0 else True
+    big = too_big_for_protobuf(model)
     onnx.save_model(model, path, save_as_external_data=big, all_tensors_to_one_file=True, location=data,
                     size_threshold=1024)
 
@@ -85,7 +95,8 @@ def export_onnx(module: torch.nn.Module, spec: GraphSpec, ranges: ShapeRanges, p
     """The dynamo export of `module` with the spec's names and (unless static) dynamic axes."""
     dims = example_dims(spec, ranges)
     args = tuple(torch.from_numpy(a) for a in spec.sample_inputs(dims).values())
-    dyn = None if ranges.static else dynamic_shapes(spec, ranges)
+    dyn = dynamic_shapes(spec, ranges)  # static ranges still leave the text encoder's K dynamic
+    dyn = dyn if any(dyn.values()) else None
     with torch.no_grad():
         program = torch.onnx.export(
             module, args, dynamo=True, dynamic_shapes=dyn, opset_version=settings.opset, verbose=False,
@@ -153,7 +164,7 @@ def to_fp16(src: str, dst: str, policy: Fp16Policy = Fp16Policy()) -> None:
 
     model = onnx.load(src)
     block = blocked_nodes(model, policy.fp32_modules)
-    big = model.ByteSize() > PROTOBUF_LIMIT
+    big = too_big_for_protobuf(model)
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(policy.fp32_ops),
                                      node_block_list=block, disable_shape_infer=big)
     save(tidy(model), dst)  # the converter appends its casts out of order
