@@ -68,7 +68,7 @@ class EliteCrossAttnProcessor(nn.Module):
         if local and self.attention == "plugin":
             from elite_export.engines.attention_op import elite_cross_attention_op
 
-            out, out_l, p_index = elite_cross_attention_op(q, k, v, k_l, v_l, elite_index)
+            out, out_l, p_index = elite_cross_attention_op(q, k, v, k_l, v_l, elite_index.to(torch.int32))
         else:
             probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)  # [B,H,N,77]
             out = probs @ v  # [B,H,N,d]

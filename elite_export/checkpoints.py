@@ -80,8 +80,13 @@ def read_mapper(path: str, flag: str, layers: list[str]) -> MapperCheckpoint:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
         raise EliteError(f"{flag} {path!r} is not a PyTorch checkpoint ({type(e).__name__})") from None
+    return split_mapper_state(state, f"{flag} {path!r}", layers)
+
+
+def split_mapper_state(state: object, what: str, layers: list[str]) -> MapperCheckpoint:
+    """A mapper checkpoint's state_dict (`what` names it in errors) -> mapper state + per-layer K/V."""
     if not isinstance(state, dict) or "mapping_0.0.weight" not in state or "mapping_0.6.weight" not in state:
-        raise EliteError(f"{flag} {path!r} is not an ELITE mapper: expected a state_dict with keys "
+        raise EliteError(f"{what} is not an ELITE mapper: expected a state_dict with keys "
                          "mapping_{i}.* and mapping_patch_{i}.* (the authors' global_mapper.pt / local_mapper.pt)")
     mapper_state = {k: v for k, v in state.items() if k.startswith("mapping_")}
     kv_state = {k: v for k, v in state.items() if not k.startswith("mapping_")}
@@ -91,7 +96,7 @@ def read_mapper(path: str, flag: str, layers: list[str]) -> MapperCheckpoint:
     if missing or unexpected:
         parts = ([f"first missing key {missing[0]!r} ({len(missing)} missing)"] if missing else []) + \
                 ([f"first unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)"] if unexpected else [])
-        raise EliteError(f"{flag} {path!r} does not match this UNet's {len(layers)} cross-attention layers: "
+        raise EliteError(f"{what} does not match this UNet's {len(layers)} cross-attention layers: "
                          f"{'; '.join(parts)}; was it trained for another Stable Diffusion version?")
     pairs: dict[str, list[torch.Tensor]] = {p: [torch.empty(0), torch.empty(0)] for p in layers}
     for key, (p, i) in expected.items():
@@ -132,7 +137,7 @@ class EliteModels:
     vision: nn.Module
     global_mapper: GlobalMapper
     local_mapper: LocalMapper | None
-    paths: CheckpointPaths
+    paths: CheckpointPaths | None  # None: made in memory (sd14.random_sd14_models)
 
     @property
     def text_dim(self) -> int:
@@ -180,6 +185,13 @@ def load_models(paths: CheckpointPaths, attention: str = "formula") -> EliteMode
     text = load("text encoder from --sd", CLIPTextModel.from_pretrained, sd, subfolder="text_encoder").eval()
     tokenizer = load("tokenizer from --sd", CLIPTokenizer.from_pretrained, sd, subfolder="tokenizer")
     vision = load("image encoder", CLIPVisionModel.from_pretrained, paths.image_encoder).eval()
+    return assemble_models(unet, vae, text, tokenizer, vision, read_mapper, paths, attention)
+
+
+def assemble_models(unet: nn.Module, vae: nn.Module, text: nn.Module, tokenizer, vision: nn.Module,
+                    mapper_checkpoint, paths: CheckpointPaths | None, attention: str = "formula") -> EliteModels:
+    """EliteModels from the loaded networks; mapper_checkpoint(source, flag, attn2 layers) gives each
+    mapper's MapperCheckpoint (source: the path, or None for no local mapper; see read_mapper)."""
     layers = cross_attention_layers(unet)
     vision_cfg, text_dim = vision.config, text.config.hidden_size
     if vision_cfg.num_hidden_layers < max(FEATURE_LAYERS):
@@ -188,12 +200,13 @@ def load_models(paths: CheckpointPaths, attention: str = "formula") -> EliteMode
     if unet.config.cross_attention_dim != text_dim:
         raise EliteError(f"the UNet's cross-attention dim is {unet.config.cross_attention_dim} but the text "
                          f"encoder's hidden size is {text_dim}; --sd folders must come from one model")
-    g = read_mapper(paths.global_mapper, "--global-mapper", layers)
+    g = mapper_checkpoint(paths.global_mapper if paths else "global_mapper.pt", "--global-mapper", layers)
     check_kv_shapes(g, unet, "--global-mapper")
     global_mapper = build_mapper(GlobalMapper, g, "--global-mapper", vision_cfg.hidden_size, text_dim)
     local_mapper, local_kv = None, None
-    if paths.local_mapper is not None:
-        lc = read_mapper(paths.local_mapper, "--local-mapper", layers)
+    local_source = paths.local_mapper if paths else "local_mapper.pt"
+    if local_source is not None:
+        lc = mapper_checkpoint(local_source, "--local-mapper", layers)
         check_kv_shapes(lc, unet, "--local-mapper")
         local_mapper = build_mapper(LocalMapper, lc, "--local-mapper", vision_cfg.hidden_size, text_dim)
         local_kv = lc.kv

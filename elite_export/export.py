@@ -48,7 +48,10 @@ class Fp16Policy:
 def example_dims(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, int]:
     """Trace inputs: the opt size and a batch of >= 2 where the batch is dynamic (avoids 0/1 specialisation)."""
     batch = ranges.batch[1] if ranges.batch[0] == ranges.batch[2] else max(2, ranges.batch[1])
-    return spec.dims(batch, ranges.size[1], ranges.size[1], spec.k_range[1])
+    size = ranges.size[1]
+    if ranges.size[0] != ranges.size[2] and size // spec.model.size_multiple < 2:
+        size = ranges.size[2]  # one block of latent would be specialised away as well
+    return spec.dims(batch, size, size, spec.k_range[1])
 
 
 def dynamic_shapes(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, dict[int, object]]:
@@ -97,10 +100,13 @@ def export_onnx(module: torch.nn.Module, spec: GraphSpec, ranges: ShapeRanges, p
     args = tuple(torch.from_numpy(a) for a in spec.sample_inputs(dims).values())
     dyn = dynamic_shapes(spec, ranges)  # static ranges still leave the text encoder's K dynamic
     dyn = dyn if any(dyn.values()) else None
+    from elite_export.plugin_export import translation_table
+
     with torch.no_grad():
         program = torch.onnx.export(
             module, args, dynamo=True, dynamic_shapes=dyn, opset_version=settings.opset, verbose=False,
-            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs])
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+            custom_translation_table=translation_table())  # --attention plugin: ELITE attn2 as one node
     model = program.model_proto
     name_nodes_by_module(model)
     name_io_dims(model, spec, ranges)
@@ -150,6 +156,9 @@ def tidy(model: onnx.ModelProto, fold: bool = False) -> onnx.ModelProto:
 
 def check(path: str) -> None:
     """onnx.checker (full check) and strict shape inference; both by path so > 2 GB works."""
+    from elite_export.plugin_export import register_schema
+
+    register_schema()  # the plugin node's schema, for graphs exported with --attention plugin
     onnx.checker.check_model(path, full_check=True)
 
 
@@ -162,11 +171,14 @@ def to_fp16(src: str, dst: str, policy: Fp16Policy = Fp16Policy()) -> None:
     """fp32 ONNX -> fp16 ONNX with fp32 islands and fp32 graph I/O (casts inside)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from elite_export.plugin_export import keep_m_fp32
+
     model = onnx.load(src)
     block = blocked_nodes(model, policy.fp32_modules)
     big = too_big_for_protobuf(model)
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(policy.fp32_ops),
                                      node_block_list=block, disable_shape_infer=big)
+    keep_m_fp32(model)
     save(tidy(model), dst)  # the converter appends its casts out of order
     check(dst)
 

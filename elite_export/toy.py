@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -83,11 +84,11 @@ def seeded_init(module: nn.Module, gen: torch.Generator) -> None:
     with torch.no_grad():
         for name, p in sorted(module.named_parameters()):
             if name.endswith("weight") and p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen, device=gen.device) / p[0].numel() ** 0.5)
             elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen, device=gen.device))
             else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen, device=gen.device))
 
 
 def mapper_state(mapper: nn.Module, kv: dict[str, tuple[int, int]], gen: torch.Generator) -> dict:
@@ -101,48 +102,99 @@ def mapper_state(mapper: nn.Module, kv: dict[str, tuple[int, int]], gen: torch.G
     return {k.removeprefix("m."): v.clone() for k, v in holder.state_dict().items()}
 
 
-def make_toy(out: str, seed: int = 0, mapper_hidden: int = 128) -> str:
-    """Write the tiny ELITE to `out` (atomically: built beside it, then renamed). Returns `out`."""
-    from diffusers import AutoencoderKL, LMSDiscreteScheduler, UNet2DConditionModel
+@dataclass(frozen=True)
+class Architecture:
+    """A random ELITE's configs: CLIP text and vision (transformers kwargs), UNet and VAE (diffusers
+    kwargs) and the mappers' hidden width. TOY is the tests' tiny one; sd14.SD14 the real sizes."""
+    text: dict
+    vision: dict
+    unet: dict
+    vae: dict
+    mapper_hidden: int
+
+    @property
+    def text_dim(self) -> int:
+        return self.text["hidden_size"]
+
+    @property
+    def vision_dim(self) -> int:
+        return self.vision["hidden_size"]
+
+
+TOY = Architecture(
+    text=dict(hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=TEXT_DIM),
+    vision=dict(hidden_size=VISION_DIM, intermediate_size=37, num_hidden_layers=18, num_attention_heads=4,
+                image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=TEXT_DIM),
+    unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+              cross_attention_dim=TEXT_DIM, attention_head_dim=4),
+    vae=dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+             block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+             up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512),
+    mapper_hidden=128)
+
+
+@dataclass
+class RandomElite:
+    """The modules of a random ELITE, the mappers as the authors' checkpoint state_dicts."""
+    text: nn.Module  # transformers CLIPTextModel
+    vision: nn.Module  # transformers CLIPVisionModel
+    unet: nn.Module
+    vae: nn.Module
+    mappers: dict[str, dict]  # {"global_mapper.pt": state_dict, "local_mapper.pt": state_dict}
+
+
+def random_elite(arch: Architecture, n_vocab: int, seed: int = 0, device: str = "cpu") -> RandomElite:
+    """Every module of `arch` with seeded weights, made on `device` (a GPU makes SD sizes in seconds)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
     from elite_export.attention import cross_attention_layers
+
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.device(device):
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=n_vocab, bos_token_id=49406, eos_token_id=49407,
+                                            pad_token_id=49407, **arch.text))
+        vision = CLIPVisionModel(CLIPVisionConfig(**arch.vision))
+        unet = UNet2DConditionModel(**arch.unet)
+        vae = AutoencoderKL(**arch.vae)
+    for model in (text, vision, unet, vae):
+        seeded_init(model, gen)
+    kv = {p: tuple(unet.get_submodule(p).to_k.weight.shape) for p in cross_attention_layers(unet)}
+    mappers = {name: mapper_state(cls(arch.vision_dim, arch.text_dim, arch.mapper_hidden), kv, gen)
+               for name, cls in (("global_mapper.pt", GlobalMapper), ("local_mapper.pt", LocalMapper))}
+    return RandomElite(text.eval(), vision.eval(), unet.eval(), vae.eval(), mappers)
+
+
+def make_random_elite(out: str, arch: Architecture, seed: int = 0) -> str:
+    """Write a random ELITE of `arch` to `out` in the released formats (atomically: built beside it,
+    then renamed). Returns `out`."""
+    from diffusers import LMSDiscreteScheduler
+
     from elite_export.runtime.requests import PAPER_SCHEDULER_CONFIG
 
     vocab_gz = find_clip_vocab()
-    gen = torch.Generator().manual_seed(seed)
     tmp = out.rstrip("/") + ".part"
     shutil.rmtree(tmp, ignore_errors=True)
     sd = os.path.join(tmp, "sd")
     n_vocab = write_clip_tokenizer(os.path.join(sd, "tokenizer"), vocab_gz)
-    text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=n_vocab, hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=TEXT_DIM,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    vision = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=VISION_DIM, intermediate_size=37, num_hidden_layers=18, num_attention_heads=4,
-        image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=TEXT_DIM))
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_DIM, attention_head_dim=4)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
-        block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
-    for model in (text, vision, unet, vae):
-        seeded_init(model, gen)
-    text.save_pretrained(os.path.join(sd, "text_encoder"))
-    unet.save_pretrained(os.path.join(sd, "unet"))
-    vae.save_pretrained(os.path.join(sd, "vae"))
-    vision.save_pretrained(os.path.join(tmp, "image_encoder"))
+    elite = random_elite(arch, n_vocab, seed)
+    elite.text.save_pretrained(os.path.join(sd, "text_encoder"))
+    elite.unet.save_pretrained(os.path.join(sd, "unet"))
+    elite.vae.save_pretrained(os.path.join(sd, "vae"))
+    elite.vision.save_pretrained(os.path.join(tmp, "image_encoder"))
     LMSDiscreteScheduler(**PAPER_SCHEDULER_CONFIG).save_config(os.path.join(sd, "scheduler"))
     with open(os.path.join(sd, "model_index.json"), "w") as f:
         json.dump({"_class_name": "StableDiffusionPipeline"}, f)
-    kv = {p: tuple(unet.get_submodule(p).to_k.weight.shape) for p in cross_attention_layers(unet)}
-    for name, cls in (("global_mapper.pt", GlobalMapper), ("local_mapper.pt", LocalMapper)):
-        torch.save(mapper_state(cls(VISION_DIM, TEXT_DIM, mapper_hidden), kv, gen), os.path.join(tmp, name))
+    for name, state in elite.mappers.items():
+        torch.save(state, os.path.join(tmp, name))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def make_toy(out: str, seed: int = 0, mapper_hidden: int = 128) -> str:
+    """Write the tiny ELITE to `out` (atomically: built beside it, then renamed). Returns `out`."""
+    return make_random_elite(out, replace(TOY, mapper_hidden=mapper_hidden), seed)

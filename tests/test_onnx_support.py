@@ -99,8 +99,8 @@ def test_slice_axes_from_a_graph_input():
     nodes = [helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"], name="slice")]
     model = make_model(nodes, [tensor("x"), tensor("axes", TensorProto.INT64, (1,))], [tensor("y")],
                        [ints("starts", [0]), ints("ends", [1])])
-    assert only_problem(model) == ("node 'slice' (Slice): `axes` must be an initializer, but 'axes' is computed by "
-                                   "a node (not an initializer or Constant output)")
+    assert only_problem(model) == ("node 'slice' (Slice): `axes` must be an initializer, but 'axes' is neither an "
+                                   "initializer nor a Constant node's output")
 
 
 def test_axes_computed_from_an_initializer_is_not_an_initializer():
