@@ -29,8 +29,8 @@ typecheck: $(STAMP)
 	$(BIN)/python scripts/typecheck_trt.py
 
 demo: $(STAMP)
-	$(BIN)/elite-export toy $(DEMO)/toy
-	$(BIN)/elite-export generate --sd $(DEMO)/toy/sd --image-encoder $(DEMO)/toy/image_encoder \
-	  --global-mapper $(DEMO)/toy/global_mapper.pt --local-mapper $(DEMO)/toy/local_mapper.pt \
-	  --image calib/concepts/7.jpg --mask calib/concepts/7_bg.png --prompt "a S in the style of Van Gogh" \
-	  --steps 20 --height 256 --width 256 -o $(DEMO)/reference.png
+	$(BIN)/elite-export build --toy -o $(DEMO)/bundle
+	$(BIN)/elite-run --bundle $(DEMO)/bundle --image calib/concepts/7.jpg --mask calib/concepts/7_bg.png \
+	  --prompt "a S in the style of Van Gogh" --prompt "a S on the beach" --steps 25 --height 256 --width 256 \
+	  -o $(DEMO)/images
+	@echo "images in $(DEMO)/images; check every graph against PyTorch with: $(BIN)/elite-export check $(DEMO)/bundle"

@@ -223,21 +223,27 @@ class DPMSolverPlusPlus2M(Scheduler):
 
 
 class DDIM(Scheduler):
-    """diffusers' DDIMScheduler at its defaults: eta 0, "leading" spacing, steps_offset 0, x0 clipped
-    to [-1, 1] (clip_sample), alpha_prod 1 past the last step (set_alpha_to_one)."""
+    """diffusers' DDIMScheduler with Stable Diffusion's settings (its shipped scheduler config): eta 0,
+    "leading" spacing shifted by steps_offset 1, no x0 clipping (clipping latents to [-1, 1] would
+    hurt images), the final alpha_prod the first training step's (set_alpha_to_one False)."""
 
-    def __init__(self, cfg: Mapping[str, Any], num_steps: int) -> None:
+    def __init__(self, cfg: Mapping[str, Any], num_steps: int, *, clip_sample: bool, set_alpha_to_one: bool,
+                 steps_offset: int) -> None:
         super().__init__()
         ratio = cfg["num_train_timesteps"] // num_steps
-        t = (np.arange(num_steps) * ratio).round()[::-1].astype(np.int64)  # [N]
+        t = (np.arange(num_steps) * ratio).round()[::-1].astype(np.int64) + steps_offset  # [N]
         self.timesteps = t.astype(F32)
         ac = alphas_cumprod(cfg)
+        final = F32(1) if set_alpha_to_one else ac[0]
         self.alpha_prod = ac[t]  # [N]
-        self.alpha_prod_prev = np.where(t - ratio >= 0, ac[np.maximum(t - ratio, 0)], F32(1))  # [N]
+        self.alpha_prod_prev = np.where(t - ratio >= 0, ac[np.maximum(t - ratio, 0)], final)  # [N]
+        self.clip_sample = clip_sample
 
     def _step(self, eps, i, x):
         a, a_prev = self.alpha_prod[i], self.alpha_prod_prev[i]
-        x0 = np.clip((x - np.sqrt(F32(1) - a) * eps) / np.sqrt(a), F32(-1), F32(1))
+        x0 = (x - np.sqrt(F32(1) - a) * eps) / np.sqrt(a)
+        if self.clip_sample:
+            x0 = np.clip(x0, F32(-1), F32(1))
         return np.sqrt(a_prev) * x0 + np.sqrt(F32(1) - a_prev) * eps
 
 
@@ -258,7 +264,8 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     "dpm++karras": SchedulerSpec("DPMSolverMultistepScheduler", {**_DPMPP_2M, "use_karras_sigmas": True},
                                  DPMSolverPlusPlus2M),
     "euler": SchedulerSpec("EulerDiscreteScheduler", {}, EulerDiscrete),
-    "ddim": SchedulerSpec("DDIMScheduler", {}, DDIM),
+    "ddim": SchedulerSpec("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1},
+                          DDIM),  # Stable Diffusion's DDIM settings
 }
 SCHEDULER_NAMES = tuple(SCHEDULERS)
 DEFAULT_SCHEDULER = "lms"
