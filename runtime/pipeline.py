@@ -74,10 +74,15 @@ class RuntimePipeline:
         local = np.empty((n, m.patches, m.text_dim), np.float32)
         b = self.batch_size(1)
         dims = self.bundle.spec("concept_encoder").dims(b)
+        first: dict[int, int] = {}  # id(concept) -> its row: a concept shared by requests is encoded once
         for i, c in enumerate(concepts):
             if isinstance(c, EncodedConcept):
                 words[i], local[i] = c.words, c.local_tokens
                 continue
+            if id(c) in first:
+                words[i], local[i] = words[first[id(c)]], local[first[id(c)]]
+                continue
+            first[id(c)] = i
             inputs = {"image": np.stack([c.pixels] * b), "object_image": np.stack([c.object_pixels] * b),
                       "mask": np.stack([c.mask] * b)}
             out = self.run("concept_encoder", inputs, dims)

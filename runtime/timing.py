@@ -28,10 +28,16 @@ class StageTimer:
             self.add(name, s, other.calls[name])
 
     def rows(self, images: int) -> list[list]:
-        """[stage, calls, total ms, ms per call, share of total] rows, then total and images/s."""
+        """[stage, calls, total ms, ms per call, share of total] rows, then total and images/s.
+
+        "step" (a whole denoising step) is shown as what it adds to the UNet: the scheduler, the
+        guidance mix and the copies, i.e. the runtime's own overhead per step."""
         total = self.seconds.get("total", sum(v for k, v in self.seconds.items() if k != "total"))
-        rows = [[k, self.calls[k], v * 1e3, v * 1e3 / self.calls[k], f"{100 * v / total:.1f}%" if total else "-"]
-                for k, v in self.seconds.items() if k != "total"]
+        shown = {k: (v, self.calls[k]) for k, v in self.seconds.items() if k not in ("total", "step")}
+        if "step" in self.seconds:
+            shown["step overhead"] = (self.seconds["step"] - self.seconds.get("unet", 0.0), self.calls["step"])
+        rows = [[k, n, v * 1e3, v * 1e3 / n, f"{100 * v / total:.1f}%" if total else "-"]
+                for k, (v, n) in shown.items()]
         rows.append(["total", 1, total * 1e3, total * 1e3, "100%"])
         rows.append(["images/s", images, "", images / total if total else 0.0, ""])
         return rows
