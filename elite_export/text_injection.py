@@ -20,7 +20,7 @@ def injection_source(length: int, index: torch.Tensor, k: int) -> torch.Tensor:
     idx = index.long().unsqueeze(1)  # [B,1]
     from_token = torch.where(pos < idx, pos, pos - k + 1)  # before: same place; after: shifted by K-1
     is_word = (pos >= idx) & (pos < idx + k)
-    from_word = length + (pos - idx).clamp(0, k - 1)
+    from_word = length + (pos - idx)  # read only where is_word (no clamp: an int64 Clip is not TensorRT's)
     return torch.where(is_word, from_word, from_token)
 
 

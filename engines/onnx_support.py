@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import TensorProto
 
 from elite_export.engines.attention_plugin_spec import PLUGIN_OP_NAME
@@ -42,7 +43,7 @@ MATRIX_PATH = Path(__file__).with_name("tensorrt_onnx_support.json")
 DEFAULT_PLUGIN_OPS = frozenset({PLUGIN_OP_NAME})
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
-MATRIX_TYPE_NAMES = {
+MATRIX_TYPE_NAMES: dict[int, str] = {
     TensorProto.FLOAT: "FP32", TensorProto.DOUBLE: "FP32", TensorProto.FLOAT16: "FP16",
     TensorProto.BFLOAT16: "BF16", TensorProto.INT32: "INT32", TensorProto.INT64: "INT64",
     TensorProto.BOOL: "BOOL", TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8", TensorProto.INT4: "INT4",
@@ -117,20 +118,20 @@ def tensorrt_support_problems(model: onnx.ModelProto | str | os.PathLike,
                               matrix: SupportMatrix | None = None) -> list[str]:
     """One line per way `model` (a ModelProto, or a path: weights stay on disk) breaks the matrix."""
     matrix = matrix or support_matrix()
-    base_dir = ""
-    if not isinstance(model, onnx.ModelProto):
-        base_dir = os.path.dirname(os.fspath(model))
-        model = onnx.load(model, load_external_data=False)
-    if model.functions:
-        model = onnx.inliner.inline_local_functions(model)
-    opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), None)
-    problems = []
+    if isinstance(model, onnx.ModelProto):
+        proto, base_dir = model, ""
+    else:
+        proto, base_dir = onnx.load(model, load_external_data=False), os.path.dirname(os.fspath(model))
+    if proto.functions:
+        proto = onnx.inliner.inline_local_functions(proto)
+    opset = next((o.version for o in proto.opset_import if o.domain in DEFAULT_DOMAINS), None)
     if opset is None:
         return ["model imports no default-domain opset"]
+    problems = []
     lo, hi = matrix.opsets
     if not lo <= opset <= hi:
         problems.append(f"model: default-domain opset {opset} is outside TensorRT's supported range {lo}-{hi}")
-    inferred = onnx.shape_inference.infer_shapes(model)  # a ModelProto past 2 GB raises: pass its path
+    inferred = onnx.shape_inference.infer_shapes(proto)  # a ModelProto past 2 GB raises: pass its path
     scope = Scope({}, {}, {}, consumed_names(inferred.graph), base_dir)
     check_graph(inferred.graph, scope, matrix, frozenset(plugin_ops), opset)
     return problems + scope.problems
@@ -183,9 +184,9 @@ def node_problems(node: onnx.NodeProto, scope: Scope, matrix: SupportMatrix, plu
         return ["op not in TensorRT's ONNX support matrix"]
     if not op.supported:
         return ["op not supported by TensorRT's ONNX parser"]
-    problems = [p for p in [type_problem(node, scope, op, opset)] if p]
+    problem = type_problem(node, scope, op, opset)
     check = RESTRICTED_OPS.get(node.op_type)
-    return problems + (check(node, scope) if check else [])
+    return ([problem] if problem else []) + (check(node, scope) if check else [])
 
 
 def data_tensors(node: onnx.NodeProto, opset: int) -> list[str]:
@@ -227,8 +228,8 @@ def input_at(node: onnx.NodeProto, i: int) -> str:
 
 
 def constant_input_problems(node: onnx.NodeProto, scope: Scope) -> list[str]:
-    return [f"`{what}` {wording}, but {input_at(node, i)!r} is computed by a node (not an initializer or "
-            "Constant output)" for i, (what, wording) in CONSTANT_INPUTS[node.op_type].items()
+    return [f"`{what}` {wording}, but {input_at(node, i)!r} is neither an initializer nor a Constant node's output"
+            for i, (what, wording) in CONSTANT_INPUTS[node.op_type].items()
             if input_at(node, i) and input_at(node, i) not in scope.constants]
 
 
@@ -242,8 +243,9 @@ def resize_problems(node: onnx.NodeProto, scope: Scope) -> list[str]:
                                    ("coordinate_transformation_mode", RESIZE_COORDINATE_MODES, "half_pixel"),
                                    ("nearest_mode", RESIZE_NEAREST_MODES, "round_prefer_floor"),
                                    ("keep_aspect_ratio_policy", ("stretch",), "stretch")):
-        if attr(node, name, default) not in allowed:
-            problems.append(f"{name} {attr(node, name)!r} unsupported (TensorRT: {', '.join(allowed)})")
+        value = attr(node, name, default)
+        if value not in allowed:
+            problems.append(f"{name} {value!r} unsupported (TensorRT: {', '.join(allowed)})")
     if attr(node, "antialias", 0):
         problems.append("antialiasing is not supported")
     scales, axes, rank = input_at(node, 2), attr(node, "axes"), scope.ranks.get(input_at(node, 0))
@@ -266,15 +268,15 @@ def pool_problems(node: onnx.NodeProto, scope: Scope) -> list[str]:
 
 def dropout_problems(node: onnx.NodeProto, scope: Scope) -> list[str]:
     problems = constant_input_problems(node, scope)
-    mode = input_at(node, 2)
-    if mode and mode in scope.constants and scope.value(mode) is not None and bool(scope.value(mode).any()):
+    mode = scope.value(input_at(node, 2))
+    if mode is not None and mode.any():
         problems.append("`training_mode` must evaluate to False")
     return problems
 
 
 def topk_problems(node: onnx.NodeProto, scope: Scope) -> list[str]:
     problems = [] if attr(node, "sorted", 1) == 1 else ["`sorted` must be 1"]
-    k = scope.value(input_at(node, 1)) if input_at(node, 1) in scope.constants else None
+    k = scope.value(input_at(node, 1))
     if k is not None and int(k.reshape(-1)[0]) >= TOPK_MAX_K:
         problems.append(f"`K` must be less than {TOPK_MAX_K}, got {int(k.reshape(-1)[0])}")
     return problems
