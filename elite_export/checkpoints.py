@@ -13,6 +13,7 @@ from torch import nn
 from elite_export.attention import cross_attention_layers, install_elite_attention
 from elite_export.errors import EliteError
 from elite_export.mappers import FEATURE_LAYERS, GlobalMapper, LocalMapper
+from elite_export.runtime.bundle import hash_file_into
 from elite_export.text_injection import InjectedTextEncoder
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
@@ -57,9 +58,7 @@ def tree_sha256(path: str) -> str:
         os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
     for f in files:
         h.update(os.path.relpath(f, path).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        hash_file_into(h, f)
     return h.hexdigest()
 
 
@@ -185,13 +184,23 @@ def load_models(paths: CheckpointPaths, attention: str = "formula") -> EliteMode
     text = load("text encoder from --sd", CLIPTextModel.from_pretrained, sd, subfolder="text_encoder").eval()
     tokenizer = load("tokenizer from --sd", CLIPTokenizer.from_pretrained, sd, subfolder="tokenizer")
     vision = load("image encoder", CLIPVisionModel.from_pretrained, paths.image_encoder).eval()
-    return assemble_models(unet, vae, text, tokenizer, vision, read_mapper, paths, attention)
+    return assemble_models(unet, vae, text, tokenizer, vision, paths.global_mapper, paths.local_mapper, paths,
+                           attention)
+
+
+MapperSource = str | dict  # a mapper checkpoint's path, or its state_dict
+
+
+def mapper_checkpoint(source: MapperSource, flag: str, layers: list[str]) -> MapperCheckpoint:
+    if isinstance(source, str):
+        return read_mapper(source, flag, layers)
+    return split_mapper_state(source, flag, layers)
 
 
 def assemble_models(unet: nn.Module, vae: nn.Module, text: nn.Module, tokenizer, vision: nn.Module,
-                    mapper_checkpoint, paths: CheckpointPaths | None, attention: str = "formula") -> EliteModels:
-    """EliteModels from the loaded networks; mapper_checkpoint(source, flag, attn2 layers) gives each
-    mapper's MapperCheckpoint (source: the path, or None for no local mapper; see read_mapper)."""
+                    global_mapper_source: MapperSource, local_mapper_source: MapperSource | None,
+                    paths: CheckpointPaths | None, attention: str = "formula") -> EliteModels:
+    """EliteModels from loaded networks and the mappers' checkpoints (no local mapper: global mode only)."""
     layers = cross_attention_layers(unet)
     vision_cfg, text_dim = vision.config, text.config.hidden_size
     if vision_cfg.num_hidden_layers < max(FEATURE_LAYERS):
@@ -200,13 +209,12 @@ def assemble_models(unet: nn.Module, vae: nn.Module, text: nn.Module, tokenizer,
     if unet.config.cross_attention_dim != text_dim:
         raise EliteError(f"the UNet's cross-attention dim is {unet.config.cross_attention_dim} but the text "
                          f"encoder's hidden size is {text_dim}; --sd folders must come from one model")
-    g = mapper_checkpoint(paths.global_mapper if paths else "global_mapper.pt", "--global-mapper", layers)
+    g = mapper_checkpoint(global_mapper_source, "--global-mapper", layers)
     check_kv_shapes(g, unet, "--global-mapper")
     global_mapper = build_mapper(GlobalMapper, g, "--global-mapper", vision_cfg.hidden_size, text_dim)
     local_mapper, local_kv = None, None
-    local_source = paths.local_mapper if paths else "local_mapper.pt"
-    if local_source is not None:
-        lc = mapper_checkpoint(local_source, "--local-mapper", layers)
+    if local_mapper_source is not None:
+        lc = mapper_checkpoint(local_mapper_source, "--local-mapper", layers)
         check_kv_shapes(lc, unet, "--local-mapper")
         local_mapper = build_mapper(LocalMapper, lc, "--local-mapper", vision_cfg.hidden_size, text_dim)
         local_kv = lc.kv

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 from elite_export.errors import EliteError
+from elite_export.runtime.bundle import file_sha256
 
 REBUILD_HINT = "build them on this host with `elite-export build ... --backend tensorrt`"
 Profile = dict[str, tuple[tuple[int, ...], ...]]  # {input: (min shape, opt shape, max shape)}
@@ -37,14 +38,6 @@ Profile = dict[str, tuple[tuple[int, ...], ...]]  # {input: (min shape, opt shap
 
 def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextmanager
@@ -162,7 +155,7 @@ class EngineCache:
             return "has no readable record (an interrupted build?)"
         if record.get("key") != key.digest:
             return "has a record for another key"
-        if os.path.getsize(engine) != record.get("bytes") or sha256_file(engine) != record["sha256"]:
+        if os.path.getsize(engine) != record.get("bytes") or file_sha256(engine) != record["sha256"]:
             return "does not match its recorded sha256 (truncated or foreign)"
         return None
 
@@ -197,7 +190,7 @@ class EngineCache:
                 raise RuntimeError(f"building {key.stem} wrote an empty engine")
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            sha = sha256_file(tmp)
+            sha = file_sha256(tmp)
             os.replace(tmp, self._path(key.stem, "plan"))
         finally:
             if os.path.exists(tmp):

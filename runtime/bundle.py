@@ -28,11 +28,16 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
+def hash_file_into(h, path: str) -> None:
+    """Feed a file's bytes to the hash `h`, 1 MiB at a time."""
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    hash_file_into(h, path)
     return h.hexdigest()
 
 

@@ -9,7 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from elite_export.engines.cache import REBUILD_HINT, EngineCache, EngineKey, OnnxFingerprint, sha256_file
+from elite_export.engines.cache import REBUILD_HINT, EngineCache, EngineKey, OnnxFingerprint
+from elite_export.runtime.bundle import file_sha256
 from elite_export.engines.trt_build import TrtBuildSettings, engine_profile
 from elite_export.errors import EliteError
 from elite_export.specs import ModelDims, ShapeRanges, UnetSpec
@@ -69,7 +70,7 @@ def test_build_once_then_reuse(tmp_path):
     entry = cache.get_or_build(key, fake_builder(b"engine-1", calls), log.append)
     again = cache.get_or_build(key, fake_builder(b"engine-2", calls), log.append)
     assert len(calls) == 1 and again.path == entry.path and open(entry.path, "rb").read() == b"engine-1"
-    assert entry.sha256 == sha256_file(entry.path) and entry.record["key"] == key.digest
+    assert entry.sha256 == file_sha256(entry.path) and entry.record["key"] == key.digest
     assert "cached" in log[-1] and cache.problem(key) is None and not leftovers(tmp_path)
     assert cache.read(entry) == b"engine-1"
     manifest = entry.to_manifest(str(tmp_path.parent))
