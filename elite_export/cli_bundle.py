@@ -48,6 +48,9 @@ def toy_checkpoints(bundle: str, seed: int):
               "Softmax,LayerNormalization,InstanceNormalization,GroupNormalization).")
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--no-fold", is_flag=True, help="Skip constant folding.")
+@click.option("--no-fuse-attention", is_flag=True,
+              help="Keep attention unfused in the fp32 graphs (default: com.microsoft.MultiHeadAttention for "
+                   "ONNX Runtime; fp16 graphs are never fused).")
 @click.option("--placeholder", default="S", show_default=True)
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: also build fp16 TensorRT engines (needs TensorRT and a GPU).")
@@ -57,8 +60,8 @@ def toy_checkpoints(bundle: str, seed: int):
 @click.option("--refittable", is_flag=True, help="Build refittable TensorRT engines (weights swappable).")
 @click.option("--force", is_flag=True, help="Rebuild every graph even when its inputs are unchanged.")
 def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output, precision, batch, size, static,
-          attention, fp32_ops, opset, no_fold, placeholder, backend, trt_opt_level, workspace_mib, refittable,
-          force) -> None:
+          attention, fp32_ops, opset, no_fold, no_fuse_attention, placeholder, backend, trt_opt_level, workspace_mib,
+          refittable, force) -> None:
     """Export the checkpoints into a self-contained bundle folder.
 
     Writes every graph as ONNX (fp32 for ONNX Runtime, fp16 for TensorRT), the tokenizer, the
@@ -80,7 +83,8 @@ def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output,
         raise EliteError("--backend tensorrt builds engines from the fp16 graphs: add fp16 to --precision")
     ranges = ShapeRanges((batch[1],) * 3, (size[1],) * 3) if static else ShapeRanges(tuple(batch), tuple(size))
     policy = Fp16Policy() if fp32_ops is None else Fp16Policy(fp32_ops=tuple(o.strip() for o in fp32_ops.split(",")))
-    options = BuildOptions(ranges, precisions, attention, ExportSettings(opset, not no_fold), policy, placeholder, force)
+    export = ExportSettings(opset, not no_fold, fuse_attention=not no_fuse_attention)
+    options = BuildOptions(ranges, precisions, attention, export, policy, placeholder, force)
     paths = toy_checkpoints(output, toy_seed) if toy else checkpoint_paths(sd, image_encoder, global_mapper,
                                                                            local_mapper)
     with progress(4, "exporting graphs") as bar:
@@ -102,8 +106,8 @@ def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output,
 @click.option("--precision", default=None, help="Graphs to check (default: every precision in the bundle).")
 @click.option("--image", type=click.Path(), multiple=True, help="Also check on this concept image (repeatable).")
 @click.option("--mask", type=click.Path(), multiple=True, help="Its object mask (one per --image).")
-@click.option("--prompt", multiple=True, default=("a photo of a S", "a S in the style of Van Gogh"),
-              show_default=True, help="Prompts for the --image cases.")
+@click.option("--prompt", multiple=True,
+              help="Prompts for the --image cases (default: 'a photo of a S', 'a S in the style of Van Gogh').")
 @click.option("--calib", is_flag=True, help="Sweep the calibration set (calib/) and report the worst case per output.")
 @click.option("--all-cases", is_flag=True, help="Print every case, not only the worst per graph and output.")
 def check(bundle, precision, image, mask, prompt, calib, all_cases) -> None:
@@ -122,7 +126,8 @@ def check(bundle, precision, image, mask, prompt, calib, all_cases) -> None:
         raise EliteError("give one --mask per --image")
     checker = ParityChecker(b, precisions)
     cases = list(sample_cases(b))
-    concepts, prompts = list(zip(image, mask)), list(prompt)
+    concepts = list(zip(image, mask))
+    prompts = list(prompt) or (["a photo of a S", "a S in the style of Van Gogh"] if image else [])
     if calib:
         cs = calibration_set()
         concepts, prompts = concepts + list(cs.concepts), prompts + list(cs.prompts)
