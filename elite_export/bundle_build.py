@@ -24,6 +24,7 @@ import elite_export
 from elite_export.checkpoints import CheckpointPaths, EliteModels, load_models
 from elite_export.errors import EliteError
 from elite_export.export import ExportSettings, Fp16Policy, export_onnx, to_fp16
+from elite_export.ort_fusion import fuse_for_ort_file
 from elite_export.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, file_sha256
 from elite_export.runtime.prompt import PromptTokenizer
 from elite_export.runtime.requests import DEFAULT_LAMBDA, PAPER_SCHEDULER_CONFIG
@@ -79,8 +80,17 @@ def graph_key(name: str, precision: str, sources: dict, options: BuildOptions, s
     """Everything a graph file's content depends on."""
     return sha256_json({"graph": name, "precision": precision, "sources": {k: v["sha256"] for k, v in sources.items()},
                         "spec": spec_dict, "ranges": options.ranges.to_dict(), "attention": options.attention,
-                        "export": asdict(options.export), "fp16": options.fp16.to_dict() if precision == "fp16" else None,
+                        "export": export_key(options.export, precision),
+                        "fp16": options.fp16.to_dict() if precision == "fp16" else None,
                         "versions": versions})
+
+
+def export_key(settings: ExportSettings, precision: str) -> dict:
+    """The export settings a graph of `precision` depends on (fp16 graphs are converted unfused)."""
+    key = asdict(settings)
+    if precision != "fp32":
+        del key["ort_fusion"]
+    return key
 
 
 def graph_entry(bundle_dir: str, rel: str, key: str) -> dict:
@@ -124,12 +134,16 @@ def export_graphs(models: EliteModels, out: str, options: BuildOptions, sources:
     for name in GRAPH_NAMES:
         sp = spec(name, dims)
         files = {}
+        keys = {p: graph_key(name, p, sources, options, sp.to_dict(), versions) for p in options.precisions}
+        prevs = {p: old.get("graphs", {}).get(name, {}).get("files", {}).get(p) for p in options.precisions}
+        fresh = {p: options.force or not reusable(prevs[p], out, keys[p]) for p in options.precisions}
+        if fresh.get("fp16") and options.export.ort_fusion:
+            fresh["fp32"] = True  # the fp16 graph is converted from the unfused fp32 export
         for precision in options.precisions:
-            key = graph_key(name, precision, sources, options, sp.to_dict(), versions)
+            key, prev = keys[precision], prevs[precision]
             rel = f"onnx/{precision}/{name}-{key[:16]}.onnx"
-            prev = old.get("graphs", {}).get(name, {}).get("files", {}).get(precision)
             t0 = time.perf_counter()
-            if not options.force and reusable(prev, out, key):
+            if not fresh[precision]:
                 files[precision], action = prev, "reused"
             else:
                 os.makedirs(os.path.join(out, f"onnx/{precision}"), exist_ok=True)
@@ -145,6 +159,12 @@ def export_graphs(models: EliteModels, out: str, options: BuildOptions, sources:
             size = sum(os.path.getsize(os.path.join(out, p)) for p in [files[precision]["path"],
                                                                         *files[precision].get("external_data", {})])
             reports.append(GraphReport(name, precision, action, time.perf_counter() - t0, size / 2**20))
+        if fresh.get("fp32") and options.export.ort_fusion:  # after the fp16 conversion: fp32 only
+            t0 = time.perf_counter()
+            path = os.path.join(out, files["fp32"]["path"])
+            fuse_for_ort_file(path, path)
+            files["fp32"] = graph_entry(out, files["fp32"]["path"], keys["fp32"])
+            next(r for r in reports if (r.graph, r.precision) == (name, "fp32")).seconds += time.perf_counter() - t0
         graphs[name] = {"spec": sp.to_dict(), "files": files}
         on_graph(name)
     return graphs, reports

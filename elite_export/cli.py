@@ -112,6 +112,7 @@ def generate(sd, image_encoder, global_mapper, local_mapper, image, mask, prompt
 
 def _register_subcommands() -> None:
     """Commands defined in their own modules (kept short); imported for their @main.command side effect."""
+    import elite_export.cli_bench  # noqa: F401
     import elite_export.cli_bundle  # noqa: F401
 
 

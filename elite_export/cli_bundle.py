@@ -48,9 +48,9 @@ def toy_checkpoints(bundle: str, seed: int):
               "Softmax,LayerNormalization,InstanceNormalization,GroupNormalization).")
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--no-fold", is_flag=True, help="Skip constant folding.")
-@click.option("--no-fuse-attention", is_flag=True,
-              help="Keep attention unfused in the fp32 graphs (default: com.microsoft.MultiHeadAttention for "
-                   "ONNX Runtime; fp16 graphs are never fused).")
+@click.option("--no-ort-fusion", is_flag=True,
+              help="fp32 graphs as exported (default: attention fused into com.microsoft.MultiHeadAttention "
+                   "for ONNX Runtime; the fp16 graphs for TensorRT are never fused).")
 @click.option("--placeholder", default="S", show_default=True)
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="tensorrt: also build fp16 TensorRT engines (needs TensorRT and a GPU).")
@@ -60,7 +60,7 @@ def toy_checkpoints(bundle: str, seed: int):
 @click.option("--refittable", is_flag=True, help="Build refittable TensorRT engines (weights swappable).")
 @click.option("--force", is_flag=True, help="Rebuild every graph even when its inputs are unchanged.")
 def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output, precision, batch, size, static,
-          attention, fp32_ops, opset, no_fold, no_fuse_attention, placeholder, backend, trt_opt_level, workspace_mib,
+          attention, fp32_ops, opset, no_fold, no_ort_fusion, placeholder, backend, trt_opt_level, workspace_mib,
           refittable, force) -> None:
     """Export the checkpoints into a self-contained bundle folder.
 
@@ -83,7 +83,7 @@ def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output,
         raise EliteError("--backend tensorrt builds engines from the fp16 graphs: add fp16 to --precision")
     ranges = ShapeRanges((batch[1],) * 3, (size[1],) * 3) if static else ShapeRanges(tuple(batch), tuple(size))
     policy = Fp16Policy() if fp32_ops is None else Fp16Policy(fp32_ops=tuple(o.strip() for o in fp32_ops.split(",")))
-    export = ExportSettings(opset, not no_fold, fuse_attention=not no_fuse_attention)
+    export = ExportSettings(opset, not no_fold, ort_fusion=not no_ort_fusion)
     options = BuildOptions(ranges, precisions, attention, export, policy, placeholder, force)
     paths = toy_checkpoints(output, toy_seed) if toy else checkpoint_paths(sd, image_encoder, global_mapper,
                                                                            local_mapper)

@@ -6,6 +6,8 @@
     fold_constants  onnx-graphsurgeon constant folding + dead-node cleanup
     check           onnx.checker + shape inference (path-based: works past 2 GB)
     to_fp16         fp16 weights and math for TensorRT, with fp32 islands per Fp16Policy, fp32 I/O
+    ort_fusion      fp32 graphs for ONNX Runtime only: attention -> com.microsoft.MultiHeadAttention
+                    (ort_fusion.py; bundle_build applies it after converting the fp16 graph unfused)
 
 Graphs over 2 GB (the SD 1.4 UNet in fp32 is ~3.4 GB) are written with their weights in one
 external-data file beside them (`<name>.onnx.data`).
@@ -29,6 +31,7 @@ class ExportSettings:
     opset: int = 18  # TensorRT 10's parser covers opsets 9-20
     fold_constants: bool = True
     check: bool = True
+    ort_fusion: bool = True  # fp32 graphs (ONNX Runtime) only; fp16 graphs stay unfused for TensorRT
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,14 @@ class ElitePipeline:
             return self.models.unet(latents, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
 
     @torch.no_grad()
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, text2: torch.Tensor, local2: torch.Tensor,
+                      index2: torch.Tensor, lam2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_uncond, eps_cond) [B,4,h,w] for latents x [B,4,h,w] at scalar timestep t: one UNet call
+        on [uncond; cond] rows (text2, local2, index2, lam2 hold 2B rows in that order)."""
+        t2 = t.to(self.device, torch.float32).expand(2 * x.shape[0])
+        return self.unet_step(torch.cat([x, x]), t2, text2, local2, index2, lam2).chunk(2)
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with self.timer.stage("vae_decoder"):
             return self.models.vae.decode(latents / VAE_SCALE).sample
@@ -130,8 +138,7 @@ class ElitePipeline:
         latents = (noise * scheduler.init_noise_sigma).to(self.device, self.dtype)
         for i, t in enumerate(scheduler.timesteps):
             x = scheduler.scale_model_input(latents, t)
-            t2 = t.to(self.device, torch.float32).expand(2 * B)
-            eps_u, eps_c = self.unet_step(torch.cat([x, x]), t2, text2, local2, index2, lam2).chunk(2)
+            eps_u, eps_c = self.predict_noise(x, t, text2, local2, index2, lam2)
             eps = eps_u + settings.guidance * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents).prev_sample
             if on_step is not None:

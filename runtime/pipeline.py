@@ -137,14 +137,17 @@ class RuntimePipeline:
         noise = np.concatenate([randn((1, m.latent_channels, h, w), requests[i].seed) for i in pad])
         latents = noise * np.float32(scheduler.init_noise_sigma)
         guidance = np.float32(settings.guidance)
+        guided = np.empty_like(latents)  # eps_u + g (eps_c - eps_u), mixed in place (schedulers keep no eps)
         for i, t in enumerate(scheduler.timesteps):
             t0 = time.perf_counter()
             x = scheduler.scale_model_input(latents, i)
             feed["latents"][:b], feed["latents"][b:] = x, x
             feed["timestep"][:] = t
-            eps = self.run("unet", feed, dims)["noise_pred"]
-            eps = eps[:b] + guidance * (eps[b:] - eps[:b])
-            latents = scheduler.step(eps, i, latents)
+            eps = self.run("unet", feed, dims)["noise_pred"]  # [2b,C,h,w], the runner's own buffer
+            np.subtract(eps[b:], eps[:b], out=guided)
+            guided *= guidance
+            guided += eps[:b]
+            latents = scheduler.step(guided, i, latents)
             self.timer.add("step", time.perf_counter() - t0)
             if on_step is not None:
                 on_step(i + 1, settings.steps)

@@ -156,12 +156,15 @@ class LMSDiscrete(_SigmaScheduler):
     def __init__(self, cfg: Mapping[str, Any], num_steps: int) -> None:
         super().__init__(cfg, num_steps)
         self._derivatives: list[np.ndarray] = []  # newest last, at most ORDER
+        # step i weighs min(i + 1, ORDER) derivatives; computed here, off the denoising loop (~0.4 ms each)
+        self._coeffs = [lms_coefficients(self.sigmas, i, min(i + 1, self.ORDER)).astype(F32)
+                        for i in range(num_steps)]
 
     def _step(self, eps, i, x):
         sigma = self.sigmas[i]
         derivative = (x - (x - sigma * eps)) / sigma
         self._derivatives = (self._derivatives + [derivative])[-self.ORDER:]
-        coeffs = lms_coefficients(self.sigmas, i, len(self._derivatives)).astype(F32)
+        coeffs = self._coeffs[i]
         update = coeffs[0] * self._derivatives[-1]
         for c, d in zip(coeffs[1:], reversed(self._derivatives[:-1])):
             update = update + c * d

@@ -7,7 +7,10 @@
 # Stages (each is timed and reported; a failing stage does not stop the others; the script exits 1
 # if any stage failed; every stage's output is in OUT_DIR/<stage>.log):
 #   env          nvidia-smi, python, torch/CUDA, whether TensorRT and cuda-python import
-#   install      `pip install --no-deps --no-build-isolation -e .` when elite_export is not importable
+#   wheels       the carried .whl/ wheels the host lacks (diffusers, CLIP's BPE vocabulary; made by
+#                scripts/gpu_wheels.sh) into $SITE, which is on PYTHONPATH
+#   install      elite_export importable without installing: the repo's folders linked into $SHIM as
+#                pyproject maps them (runtime/ -> elite_export.runtime, ...); $SHIM is on PYTHONPATH
 #   cuda         tests/test_cuda_device_gpu.py: cuda-python buffers, CUDA graphs, TrtRunner's logic
 # With TensorRT (python -c 'import tensorrt'):
 #   bundle       elite-export build --toy --precision fp32,fp16 --backend tensorrt -o OUT_DIR/bundle
@@ -16,12 +19,17 @@
 #   graphs       polygraphy TensorRT vs ONNX Runtime on each fp16 graph with the spec's tolerance
 # Without TensorRT (it says so), the GPU checks that do not need it:
 #   attention    scripts/gpu_attention_bench.py --json OUT_DIR/attention.json (Triton kernel error/timing)
-#   bench        python -m elite_export.bench $BENCH_ARGS, if that module exists
+#   bench        python -m elite_export.bench $BENCH_ARGS: SD 1.4-size random models made on the GPU,
+#                (a) the authors' loop and (b) the batched reference, fp16, 512 px (OUT_DIR/bench.json, .md)
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-gpu_check_out}}"
 PY="${PYTHON:-python3}"
 BUDGET_S="${BUDGET_S:-290}"
+SITE="${SITE:-/tmp/elite-site}"  # carried wheels installed here
+SHIM="${SHIM:-/tmp/elite-shim}"  # elite_export as links to the repo's folders
+export PYTHONPATH="$SITE:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONSAFEPATH=1  # keep the working directory off sys.path: the checkout's bare elite_export/ would hide $SHIM's
 DEADLINE=$(( $(date +%s) + BUDGET_S ))
 mkdir -p "$OUT_DIR"
 SUMMARY=()
@@ -60,7 +68,8 @@ env_report() {
   "$PY" - <<'EOF'
 import importlib, sys
 print("python", sys.version.split()[0])
-for name in ("torch", "triton", "tensorrt", "cuda.bindings", "onnxruntime", "polygraphy", "diffusers"):
+for name in ("torch", "triton", "tensorrt", "cuda.bindings", "onnxruntime", "polygraphy", "diffusers",
+             "transformers", "huggingface_hub"):
     try:
         m = importlib.import_module(name)
         extra = f" cuda {m.version.cuda} available {m.cuda.is_available()}" if name == "torch" else ""
@@ -71,9 +80,30 @@ for name in ("torch", "triton", "tensorrt", "cuda.bindings", "onnxruntime", "pol
 EOF
 }
 
-install_if_needed() {
+install_wheels() {  # the carried wheels the host lacks -> $SITE; the carried hub only if diffusers needs it
+  if has_module diffusers && has_module scipy \
+      && "$PY" -c 'import importlib.metadata as m; m.distribution("clip-anytorch")' 2>/dev/null; then
+    echo "diffusers, scipy and clip-anytorch (CLIP's BPE vocabulary) present"; return 0
+  fi
+  if [[ ! -d .whl ]]; then echo "no .whl/ folder (bash scripts/gpu_wheels.sh makes it; carry it)"; return 99; fi
+  local pip=("$PY" -m pip install -q --no-index --no-deps --upgrade --target "$SITE")
+  "${pip[@]}" .whl/diffusers-*.whl .whl/clip_anytorch-*.whl || return 1
+  has_module scipy || "${pip[@]}" .whl/scipy-*.whl || return 1  # diffusers' LMS scheduler
+  local err
+  if ! err=$("$PY" -c 'import diffusers.models' 2>&1); then
+    echo "${err##*$'\n'}"
+    echo "diffusers does not import with this host's huggingface-hub: adding the carried one"
+    "${pip[@]}" .whl/huggingface_hub-*.whl || return 1
+  fi
+  "$PY" -c 'import diffusers.models as d, huggingface_hub as h; print("diffusers", d.__file__, "hub", h.__version__)'
+}
+
+install_if_needed() {  # no pip install: links, as pyproject's package-dir maps the folders
   if "$PY" -c 'import elite_export.engines.cache' 2>/dev/null; then echo "elite_export importable"; return 0; fi
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+  mkdir -p "$SHIM/elite_export"
+  ln -sfn "$PWD"/elite_export/*.py "$SHIM/elite_export/"
+  for d in runtime engines calib; do ln -sfn "$PWD/$d" "$SHIM/elite_export/$d"; done
+  "$PY" -c 'import elite_export.engines.cache, elite_export.runtime.pipeline as p; print("elite_export:", p.__file__)'
 }
 
 cuda_tests() {  # pytest's 5 = nothing ran: no cuda-python or no GPU (the log says which)
@@ -88,11 +118,13 @@ run_backend() {  # run_backend BACKEND: elite-run on the toy bundle, JSON on std
   local rc=$?; cat "$OUT_DIR/$b.json"; return $rc
 }
 
-export PY OUT_DIR
-export -f has_module elite_export elite_run env_report install_if_needed cuda_tests run_backend  # timeout runs them in bash -c
+export PY OUT_DIR SITE SHIM
+# timeout runs them in bash -c
+export -f has_module elite_export elite_run env_report install_wheels install_if_needed cuda_tests run_backend
 
 run_stage env 30 env_report
-run_stage install 90 install_if_needed
+run_stage wheels 60 install_wheels
+run_stage install 30 install_if_needed
 run_stage cuda 90 cuda_tests
 
 if has_tensorrt; then
@@ -109,7 +141,8 @@ else
   fi
   if has_module elite_export.bench; then
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-    run_stage bench 90 "$PY" -m elite_export.bench ${BENCH_ARGS:---device cuda --json $OUT_DIR/bench.json}
+    run_stage bench 150 "$PY" -m elite_export.bench ${BENCH_ARGS:---device cuda --ways authors,reference \
+      --json $OUT_DIR/bench.json --markdown $OUT_DIR/bench.md}
   else
     SUMMARY+=("$(printf '%-16s SKIPPED (no elite_export.bench module)' bench)")
   fi

@@ -1,0 +1,90 @@
+"""A benchmark result (bench.run_bench's dict) as text tables and as markdown."""
+from __future__ import annotations
+
+from elite_export.bench_ways import STAGES
+from elite_export.runtime.console import format_table
+
+LABELS = {"authors": "(a) authors", "reference": "(b) reference", "runtime-onnxruntime": "(c) runtime ORT",
+          "runtime-tensorrt": "(c) runtime TRT"}
+SHORT = {"authors": "a", "reference": "b", "runtime-onnxruntime": "c-ort", "runtime-tensorrt": "c-trt"}
+
+
+def ways(result: dict) -> list[str]:
+    return [w for w in LABELS if w in result["ways"]]
+
+
+def median(result: dict, way: str, stage: str) -> float:
+    return result["ways"][way]["stages"][stage]["median_ms"]
+
+
+def time_table(result: dict) -> tuple[list[str], list[list]]:
+    """ms per stage and way: median [min-max]; then peak memory."""
+    ws = ways(result)
+    rows = []
+    for stage in STAGES:
+        cells = []
+        for w in ws:
+            s = result["ways"][w]["stages"][stage]
+            cells.append(f"{s['median_ms']:,.0f} [{s['min_ms']:,.0f}-{s['max_ms']:,.0f}]")
+        rows.append([stage, *cells])
+    rows.append(["peak RSS GiB", *[result["ways"][w]["peak_rss_gib"] for w in ws]])
+    if any("peak_device_gib" in result["ways"][w] for w in ws):
+        rows.append(["peak device GiB", *[result["ways"][w].get("peak_device_gib", "") for w in ws]])
+    return ["stage (ms)", *[LABELS[w] for w in ws]], rows
+
+
+def speedup_table(result: dict) -> tuple[list[str], list[list]]:
+    """How many times faster than (a) and than (b): a/x and b/x per stage."""
+    ws = ways(result)
+    pairs = [(base, w) for base in ("authors", "reference") if base in ws for w in ws
+             if w != base and not (base == "reference" and w == "authors")]
+    rows = [[stage, *[f"{median(result, base, stage) / median(result, w, stage):.2f}x" for base, w in pairs]]
+            for stage in STAGES]
+    return ["speedup", *[f"{SHORT[w]} vs {SHORT[base]}" for base, w in pairs]], rows
+
+
+def overhead_table(result: dict) -> tuple[list[str], list[list]]:
+    """Per step: the loop's own time (step - UNet call) + the call's (runner.run - bare session run)."""
+    rows = [[bundle, o["steps"], o["step_ms"], o["unet_call_ms"], o["loop_ms"], o["graph_ms"], o["call_overhead_ms"],
+             f"{o['overhead_ms']:.3f} ({o['overhead_pct']:.2f}%)"]
+            for bundle, o in result.get("overhead", {}).items() if o]
+    return ["bundle", "steps", "step ms", "unet call ms", "loop ms", "bare graph ms", "call overhead ms",
+            "overhead ms (% of step)"], rows
+
+
+def machine_line(result: dict) -> str:
+    m, o = result["machine"], result["options"]
+    v = m["versions"]
+    gpu = f", GPU {m['gpu']} (CUDA {m['cuda']})" if "gpu" in m else ""
+    return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB{gpu}; {m['threads']} threads; "
+            f"load {m['load_average'][0]:.2f} at start, {result['load_average_end'][0]:.2f} at end; "
+            f"{o['size']}x{o['size']} px, batch {o['batch']}, {o['steps']} steps (LMS), {o['dtype']}, "
+            f"{o['warmup']} warm-up + {o['reps']} reps; "
+            + ", ".join(f"{k} {v[k]}" for k in ("torch", "diffusers", "transformers", "onnxruntime") if k in v))
+
+
+def text_report(result: dict) -> str:
+    parts = [machine_line(result), format_table(*time_table(result)), format_table(*speedup_table(result))]
+    headers, rows = overhead_table(result)
+    if rows:
+        parts.append("runtime overhead per step\n" + format_table(headers, rows))
+    parts += [f"{w}: n/a ({why})" for w, why in result.get("unavailable", {}).items()]
+    return "\n\n".join(parts)
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    def cell(c) -> str:
+        return f"{c:,.3f}" if isinstance(c, float) and abs(c) < 10 else f"{c:,.1f}" if isinstance(c, float) else str(c)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows])
+
+
+def markdown(result: dict) -> str:
+    parts = [f"### {result['date']}: {result['options']['device']}, {result['options']['size']} px",
+             machine_line(result), md_table(*time_table(result)), md_table(*speedup_table(result))]
+    headers, rows = overhead_table(result)
+    if rows:
+        parts.append("Runtime overhead per step (ONNX Runtime):\n\n" + md_table(headers, rows))
+    parts += [f"- {w}: n/a ({why})" for w, why in result.get("unavailable", {}).items()]
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,167 @@
+"""The ways a benchmark runs ELITE, each behind the same five measurable stages.
+
+    authors     (a) the authors' inference: PyTorch eager, two unbatched UNet calls per step
+                    (conditional with the local branch, unconditional without), self-attention as
+                    explicit softmax(q k^T) v matmuls (their replacement CrossAttention.__call__)
+    reference   (b) this project's PyTorch reference: one batched [uncond; cond] call per step, SDPA
+    runtime     (c) the torch-free runtime on a bundle's graphs (ONNX Runtime, or TensorRT)
+
+Stages: concept_encoder (the batch's concepts), text_encoder (their prompts), unet_step (one
+denoising step's UNet work), vae_decoder, generate (end to end, `steps` steps, same scheduler).
+Every way gets the same inputs: one concept, prompt and seed per request, sample tensors per spec.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from elite_export.runtime.requests import GenerationSettings, Request
+from elite_export.specs import UnetSpec, VaeDecoderSpec
+
+STAGES = ("concept_encoder", "text_encoder", "unet_step", "vae_decoder", "generate")
+PROMPT = "a photo of a S"
+
+
+@dataclass(frozen=True)
+class Workload:
+    size: int  # px, square
+    batch: int  # requests
+    steps: int  # of `generate`
+
+    def requests(self, concept) -> list[Request]:
+        return [Request(concept, PROMPT, seed) for seed in range(self.batch)]
+
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(scheduler="lms", steps=self.steps, height=self.size, width=self.size)
+
+
+class Way:
+    """Callables for each stage (inputs prepared once); `sync` waits for the device. Use in `with`."""
+    name: str
+
+    def stage(self, name: str) -> Callable[[], object]:
+        return getattr(self, name)
+
+    def sync(self) -> None:
+        pass
+
+    def __enter__(self) -> "Way":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def unet_sample(model, workload: Workload) -> dict[str, np.ndarray]:
+    """UNet inputs for `batch` requests ([uncond; cond] rows, lam 0 on uncond) per the spec's sampler."""
+    spec = UnetSpec(model)
+    return spec.sample_inputs(spec.dims(workload.batch, workload.size, workload.size))
+
+
+def vae_sample(model, workload: Workload) -> dict[str, np.ndarray]:
+    spec = VaeDecoderSpec(model)
+    return spec.sample_inputs(spec.dims(workload.batch, workload.size, workload.size))
+
+
+class TorchWay(Way):
+    """(b), and with `authors=True` (a): the PyTorch pipeline on `device` in `dtype`."""
+
+    def __init__(self, models, workload: Workload, concept, device: str, dtype, authors: bool):
+        import torch
+
+        from elite_export.authors_way import AuthorsPipeline, formula_self_attention
+        from elite_export.graphs import model_dims
+        from elite_export.pipeline import ElitePipeline
+
+        self.name = "authors" if authors else "reference"
+        self.torch, self.device = torch, torch.device(device)
+        self.pipe = (AuthorsPipeline if authors else ElitePipeline)(models, device, dtype)
+        self.attention = formula_self_attention(models.unet) if authors else nullcontext()
+        self.workload, self.requests = workload, workload.requests(concept)
+        dims = model_dims(models)
+        self.unet_in = {k: self._tensor(v) for k, v in unet_sample(dims, workload).items()}
+        self.vae_in = self._tensor(vae_sample(dims, workload)["latents"])
+        self.words, _ = self.pipe.encode_concepts([r.concept for r in self.requests])
+
+    def _tensor(self, a: np.ndarray):
+        t = self.torch.from_numpy(a).to(self.device)
+        return t if t.dtype == self.torch.int64 else t.to(self.pipe.dtype)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def __enter__(self) -> "TorchWay":
+        self.attention.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.attention.__exit__(*exc)
+
+    def concept_encoder(self):
+        return self.pipe.encode_concepts([r.concept for r in self.requests])
+
+    def text_encoder(self):
+        return self.pipe.encode_text([r.prompt for r in self.requests], self.words[:, :1])
+
+    def unet_step(self):
+        u, B = self.unet_in, self.workload.batch
+        return self.pipe.predict_noise(u["latents"][B:], u["timestep"][0], u["text_embeddings"], u["local_tokens"],
+                                       u["placeholder_index"], u["lam"])
+
+    def vae_decoder(self):
+        return self.pipe.decode(self.vae_in)
+
+    def generate(self):
+        return self.pipe(self.requests, self.workload.settings())
+
+
+class RuntimeWay(Way):
+    """(c): RuntimePipeline on a bundle with the given runners (ONNX Runtime or TensorRT)."""
+
+    def __init__(self, bundle, runners: dict, workload: Workload, concept, backend: str):
+        from elite_export.runtime.pipeline import RuntimePipeline
+
+        self.name = f"runtime-{backend}"
+        self.pipe = RuntimePipeline(bundle, runners)
+        self.workload, self.requests = workload, workload.requests(concept)
+        b = self.pipe.batch_size(workload.batch)
+        self.unet_dims = bundle.spec("unet").dims(b, workload.size, workload.size)
+        self.vae_dims = bundle.spec("vae_decoder").dims(b, workload.size, workload.size)
+        self.unet_in = unet_sample(bundle.model, Workload(workload.size, b, workload.steps))
+        self.vae_in = vae_sample(bundle.model, Workload(workload.size, b, workload.steps))
+        self.words, _ = self.pipe.encode_concepts([r.concept for r in self.requests])
+
+    def concept_encoder(self):
+        return self.pipe.encode_concepts([r.concept for r in self.requests])
+
+    def text_encoder(self):
+        return self.pipe.encode_text(self.requests, self.words)
+
+    def unet_step(self):
+        return self.pipe.runners["unet"].run(self.unet_in, self.unet_dims)
+
+    def vae_decoder(self):
+        return self.pipe.runners["vae_decoder"].run(self.vae_in, self.vae_dims)
+
+    def generate(self):
+        return self.pipe(self.requests, self.workload.settings())
+
+    def bare_unet(self) -> Callable[[], object] | None:
+        """The UNet session alone on inputs bound once (ONNX Runtime): the graph time without the runtime."""
+        runner = self.pipe.runners["unet"]
+        if not hasattr(runner, "session"):
+            return None
+        binding = runner.session.io_binding()
+        for name, a in self.unet_in.items():
+            binding.bind_cpu_input(name, a)
+        for name, buf in runner.output_buffers(self.unet_dims).items():
+            binding.bind_output(name, "cpu", 0, buf.dtype, buf.shape, buf.ctypes.data)
+        return lambda: runner.session.run_with_iobinding(binding)
+
+    def __exit__(self, *exc) -> None:
+        for runner in self.pipe.runners.values():
+            runner.close()
