@@ -68,7 +68,8 @@ class ElitePipeline:
     @torch.no_grad()
     def encode_text(self, prompts: list[str], words: torch.Tensor | None) -> torch.Tensor:
         """prompts with words [B,K,D] injected at each placeholder (None: no injection) -> [B,77,D]."""
-        ids = self._tensor(np.stack([self.tokenizer.ids(p) for p in prompts])).long()
+        ids = torch.from_numpy(np.stack([self.tokenizer.ids(p) for p in prompts])).to(self.device)  # int64: not
+        # through self.dtype, where fp16 would round token 49406 to 49408
         if words is None:
             return self.models.text_encoder(ids)
         index = torch.tensor([self.tokenizer.placeholder_index(p) for p in prompts], device=self.device)

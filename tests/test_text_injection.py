@@ -76,3 +76,15 @@ def test_placeholder_index_and_errors(tok):
         tok.placeholder_index("word " * 80 + "S")
     with pytest.raises(EliteError, match="one token"):
         PromptTokenizer(tok.tokenizer, placeholder="xyzzyplugh")
+
+
+@torch.no_grad()
+def test_token_ids_never_pass_through_the_float_dtype(toy_pipeline):
+    """fp16/bf16 cannot hold token 49406 exactly (it rounds to 49408, past the vocabulary)."""
+    dtype = toy_pipeline.dtype
+    try:
+        toy_pipeline.dtype = torch.bfloat16  # what the pipeline would cast floats to; the models stay fp32
+        got = toy_pipeline.encode_text(["a photo of a S"], None)
+    finally:
+        toy_pipeline.dtype = dtype
+    assert_close(got, toy_pipeline.encode_text(["a photo of a S"], None), atol=0, what="ids unaffected by dtype")
