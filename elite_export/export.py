@@ -14,7 +14,10 @@ external-data file beside them (`<name>.onnx.data`).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import onnx
@@ -105,7 +108,7 @@ def export_onnx(module: torch.nn.Module, spec: GraphSpec, ranges: ShapeRanges, p
     dyn = dyn if any(dyn.values()) else None
     from elite_export.plugin_export import translation_table
 
-    with torch.no_grad():
+    with torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(
             module, args, dynamo=True, dynamic_shapes=dyn, opset_version=settings.opset, verbose=False,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
@@ -118,6 +121,21 @@ def export_onnx(module: torch.nn.Module, spec: GraphSpec, ranges: ShapeRanges, p
         fold_constants(path)
     if settings.check:
         check(path)
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """The exporter's chatter (torchvision ops it skips, deprecation and axis-naming warnings) is not ours."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def name_io_dims(model: onnx.ModelProto, spec: GraphSpec, ranges: ShapeRanges) -> None:

@@ -173,8 +173,10 @@ def make_random_elite(out: str, arch: Architecture, seed: int = 0) -> str:
     then renamed). Returns `out`."""
     from diffusers import LMSDiscreteScheduler
 
+    from elite_export.checkpoints import quiet_libraries
     from elite_export.runtime.requests import PAPER_SCHEDULER_CONFIG
 
+    quiet_libraries()  # no weight-writing progress bars
     vocab_gz = find_clip_vocab()
     tmp = out.rstrip("/") + ".part"
     shutil.rmtree(tmp, ignore_errors=True)
