@@ -19,18 +19,9 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
+from elite_export.engines.attention_op import LocalScale
+
 ATTENTION_IMPLS = ("formula", "plugin")
-
-
-class LocalScale(nn.Module):
-    """lam * m / max m per sample, in fp32 (kept fp32 in fp16 graphs: see export's Fp16Policy).
-
-    p_index: [B,H,N] attention paid to the placeholder; lam: [B] -> [B,H,N,1]."""
-
-    def forward(self, p_index: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        m = p_index.float()
-        m_max = m.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        return (lam.float().view(-1, 1, 1) * m / m_max).unsqueeze(-1)
 
 
 class EliteCrossAttnProcessor(nn.Module):

@@ -45,7 +45,7 @@ class Fp16Policy:
     statistics of LayerNorm and GroupNorm (exported as InstanceNormalization)).
     fp32_modules: torch module classes whose every node stays fp32 (ELITE's m / max m)."""
     fp32_ops: tuple[str, ...] = ("Softmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization")
-    fp32_modules: tuple[str, ...] = ("elite_export.attention.LocalScale",)
+    fp32_modules: tuple[str, ...] = ("elite_export.engines.attention_op.LocalScale",)
 
     def to_dict(self) -> dict:
         return {"fp32_ops": list(self.fp32_ops), "fp32_modules": list(self.fp32_modules)}

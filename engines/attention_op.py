@@ -34,15 +34,25 @@ def reference_cross_attention(
     return out_g.to(q.dtype), out_l.to(q.dtype), m
 
 
+class LocalScale(torch.nn.Module):
+    """lam * m / max m per sample, in fp32: ELITE's weight on each row of out_l. fp16 m can underflow
+    to 0 and 0/0 is NaN, which lam = 0 would not cancel, hence fp32 and the tiny floor on the max
+    (kept fp32 in fp16 graphs: export.Fp16Policy names this class).
+
+    m: [B,H,Nq] attention paid to the placeholder; lam: [B] -> [B,H,Nq,1]."""
+
+    def forward(self, m: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        m32 = m.float()
+        m_max = m32.amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return (lam.float().view(-1, 1, 1) * m32 / m_max).unsqueeze(-1)
+
+
 def combine_elite_output(
     out_g: torch.Tensor, out_l: torch.Tensor, m: torch.Tensor, lam: torch.Tensor
 ) -> torch.Tensor:
-    """out_g + lam[b] * (m / max_{h,i} m[b]) * out_l, in fp32 (fp16 m can underflow to 0 -> 0/0).
+    """out_g + lam[b] * (m / max_{h,i} m[b]) * out_l, in fp32 (see LocalScale).
     out_g, out_l [B,H,Nq,d]; m [B,H,Nq]; lam [B]. Returns [B,H,Nq,d] in out_g's dtype."""
-    m32 = m.float()
-    weight = m32 / m32.amax(dim=(1, 2), keepdim=True)  # [B,H,Nq]
-    mixed = out_g.float() + lam.float()[:, None, None, None] * weight[..., None] * out_l.float()
-    return mixed.to(out_g.dtype)
+    return (out_g.float() + LocalScale()(m, lam) * out_l.float()).to(out_g.dtype)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())

@@ -81,7 +81,7 @@ def test_rows_are_independent_of_each_other():
 @torch.no_grad()
 def test_underflowing_placeholder_attention_gives_no_nan_in_fp16_math():
     """m and its max are fp32: a row whose placeholder attention is exactly 0 stays finite."""
-    from elite_export.attention import LocalScale
+    from elite_export.engines.attention_op import LocalScale
 
     p_index = torch.zeros(1, H, NQ, dtype=torch.float16)
     scale = LocalScale()(p_index, torch.zeros(1))
