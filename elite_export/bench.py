@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 from elite_export.bench_measure import PeakMemory, machine, summary, timings
 from elite_export.bench_ways import STAGES, RuntimeWay, TorchWay, Way, Workload
 from elite_export.errors import EliteError
+from elite_export.runtime.backends import BACKENDS
 from elite_export.sd14 import default_cache
 
 WAYS = ("authors", "reference", "runtime")
-RUNTIME_BACKENDS = ("onnxruntime", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def runtime_ways(opts: BenchOptions, bundle_dir: str, results: dict, unavailable
     from elite_export.runtime.pipeline import open_runners
 
     bundle, overhead = Bundle.open(bundle_dir), {}
-    for backend in RUNTIME_BACKENDS:
+    for backend in BACKENDS:
         t0 = time.perf_counter()
         try:
             runners = open_runners(bundle, backend, "cpu", opts.n_threads)

@@ -25,7 +25,7 @@ from elite_export.checkpoints import CheckpointPaths, EliteModels, load_models
 from elite_export.errors import EliteError
 from elite_export.export import ExportSettings, Fp16Policy, export_onnx, to_fp16
 from elite_export.ort_fusion import fuse_for_ort_file
-from elite_export.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, file_sha256
+from elite_export.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, entry_problems, file_sha256
 from elite_export.runtime.prompt import PromptTokenizer
 from elite_export.runtime.requests import DEFAULT_LAMBDA, PAPER_SCHEDULER_CONFIG
 from elite_export.specs import GRAPH_NAMES, ShapeRanges, spec
@@ -94,20 +94,18 @@ def export_key(settings: ExportSettings, precision: str) -> dict:
 
 
 def graph_entry(bundle_dir: str, rel: str, key: str) -> dict:
+    """A graph's manifest entry: its file (and external data) with sha256 and size, and its content key."""
     entry = {"path": rel, "sha256": file_sha256(os.path.join(bundle_dir, rel)), "key": key}
     data = rel + ".data"
     if os.path.exists(os.path.join(bundle_dir, data)):
         entry["external_data"] = {data: file_sha256(os.path.join(bundle_dir, data))}
+    entry["bytes"] = {f: os.path.getsize(os.path.join(bundle_dir, f)) for f in [rel, *entry.get("external_data", {})]}
     return entry
 
 
 def reusable(old: dict | None, bundle_dir: str, key: str) -> bool:
     """The previous manifest's entry has this key and its files are intact."""
-    if not old or old.get("key") != key:
-        return False
-    files = [(old["path"], old["sha256"]), *old.get("external_data", {}).items()]
-    return all(os.path.isfile(os.path.join(bundle_dir, p)) and file_sha256(os.path.join(bundle_dir, p)) == s
-               for p, s in files)
+    return bool(old) and old.get("key") == key and not entry_problems(bundle_dir, old, full=True)
 
 
 def write_json_atomic(path: str, obj: dict) -> None:

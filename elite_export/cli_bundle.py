@@ -8,6 +8,7 @@ import click
 
 from elite_export.cli import checkpoint_options, checkpoint_paths, main
 from elite_export.errors import EliteError
+from elite_export.runtime.backends import BACKENDS
 from elite_export.runtime.console import format_table, progress
 
 
@@ -52,7 +53,7 @@ def toy_checkpoints(bundle: str, seed: int):
               help="fp32 graphs as exported (default: attention fused into com.microsoft.MultiHeadAttention "
                    "for ONNX Runtime; the fp16 graphs for TensorRT are never fused).")
 @click.option("--placeholder", default="S", show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True,
               help="tensorrt: also build fp16 TensorRT engines (needs TensorRT and a GPU).")
 @click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimization level.")

@@ -41,6 +41,26 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def entry_problems(root: str, entry: dict, full: bool = True) -> list[str]:
+    """Problems with one graph's files: missing, or not the manifest's content.
+
+    full: compare sha256 (what `check` and rebuilds do); otherwise compare sizes, which catches
+    missing and truncated files without reading gigabytes at every start (the runtime's check;
+    manifests without sizes fall back to sha256)."""
+    problems, sizes = [], entry.get("bytes", {})
+    for rel, sha in [(entry["path"], entry["sha256"]), *entry.get("external_data", {}).items()]:
+        p = os.path.join(root, rel)
+        if not os.path.isfile(p):
+            problems.append(f"{rel} is missing")
+        elif not full and rel in sizes:
+            if os.path.getsize(p) != sizes[rel]:
+                problems.append(f"{rel} has {os.path.getsize(p)} bytes, the manifest says {sizes[rel]} "
+                                "(truncated or replaced)")
+        elif file_sha256(p) != sha:
+            problems.append(f"{rel} does not match its sha256 in the manifest (corrupted or edited)")
+    return problems
+
+
 @dataclass
 class Bundle:
     root: str
@@ -95,18 +115,9 @@ class Bundle:
     def graph_path(self, name: str, precision: str = "fp32") -> str:
         return self.path(self.graph_file(name, precision)["path"])
 
-    def verify(self, names: tuple[str, ...] = GRAPH_NAMES, precision: str = "fp32") -> list[str]:
-        """Problems with the graph files (missing, or sha256 not the manifest's); [] when sound."""
-        problems = []
-        for name in names:
-            entry = self.graph_file(name, precision)
-            for rel, sha in [(entry["path"], entry["sha256"]), *entry.get("external_data", {}).items()]:
-                p = self.path(rel)
-                if not os.path.isfile(p):
-                    problems.append(f"{rel} is missing")
-                elif file_sha256(p) != sha:
-                    problems.append(f"{rel} does not match its sha256 in the manifest (corrupted or edited)")
-        return problems
+    def verify(self, names: tuple[str, ...] = GRAPH_NAMES, precision: str = "fp32", full: bool = True) -> list[str]:
+        """Problems with the graph files ([] when sound): see entry_problems."""
+        return [p for name in names for p in entry_problems(self.root, self.graph_file(name, precision), full)]
 
     def tokenizer_path(self) -> str:
         return self.path(self.manifest["tokenizer"]["path"])

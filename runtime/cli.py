@@ -13,6 +13,7 @@ import re
 import click
 
 from elite_export.errors import EliteError
+from elite_export.runtime.backends import BACKENDS
 from elite_export.runtime.console import EliteGroup, format_table, progress
 from elite_export.runtime.options import sampling_options, settings_from
 
@@ -79,7 +80,7 @@ def load_concepts(bundle, images: tuple[str, ...], masks: tuple[str, ...], conce
     return concepts
 
 
-backend_option = click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "torch"]),
+backend_option = click.option("--backend", type=click.Choice([*BACKENDS, "torch"]),
                               default="onnxruntime", show_default=True,
                               help="torch = the PyTorch reference (needs the export extra and the source checkpoints).")
 device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
@@ -149,7 +150,7 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
 @click.option("--image", required=True, type=click.Path(), help="Concept image.")
 @click.option("--mask", required=True, type=click.Path(), help="Its object mask.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="The .concept file to write.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
 @device_option
 def encode(bundle, image, mask, output, backend, device) -> None:
     """Run the concept encoder once and store the words and local tokens (safetensors)."""

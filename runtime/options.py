@@ -7,7 +7,7 @@ import click
 
 from elite_export.runtime.requests import (DEFAULT_GUIDANCE, DEFAULT_LAMBDA, DEFAULT_STEPS, MODES,
                                            WORD_CHOICES, GenerationSettings)
-from elite_export.runtime.schedulers import SCHEDULER_NAMES
+from elite_export.runtime.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
 
 def sampling_options(fn: Callable) -> Callable:
@@ -19,7 +19,7 @@ def sampling_options(fn: Callable) -> Callable:
                      help="Global mode: inject all five words or one of them (0 = shallowest)."),
         click.option("--lambda", "lam", type=float, default=DEFAULT_LAMBDA, show_default=True,
                      help="Local branch weight (the paper: 0.8; 0.6 for editing prompts)."),
-        click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default="lms", show_default=True,
+        click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default=DEFAULT_SCHEDULER, show_default=True,
                      help="lms is the paper's sampler."),
         click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True),
         click.option("--guidance", type=float, default=DEFAULT_GUIDANCE, show_default=True,

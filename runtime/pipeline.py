@@ -27,7 +27,7 @@ def open_runners(bundle: Bundle, backend: str = "onnxruntime", device: str = "cp
                  threads: int = 0) -> dict[str, GraphRunner]:
     if backend == "onnxruntime":
         for name in GRAPH_NAMES:
-            problems = bundle.verify((name,), "fp32")
+            problems = bundle.verify((name,), "fp32", full=False)  # sizes: `elite-export check` hashes
             if problems:
                 raise EliteError(f"bundle {bundle.root!r}: {problems[0]}; rebuild it with `elite-export build`")
         return {name: OrtRunner(bundle.spec(name), bundle.graph_path(name, "fp32"), device, threads)
@@ -118,12 +118,11 @@ class RuntimePipeline:
         n = len(requests)
         b = self.batch_size(n)
         t_start = time.perf_counter()
-        for q in requests:  # user errors before any graph runs
-            self.tokenizer.placeholder_index(q.prompt)
+        index = [self.tokenizer.placeholder_index(q.prompt) for q in requests]  # user errors before any graph
         words, local = self.encode_concepts([q.concept for q in requests])
         text = self.encode_text(requests, words)
         pad = list(range(n)) + [n - 1] * (b - n)
-        idx = np.array([self.tokenizer.placeholder_index(requests[i].prompt) for i in pad], np.int64)
+        idx = np.array([index[i] for i in pad], np.int64)
         lam = np.array([requests[i].local_weight for i in pad], np.float32)
         unet_spec, h, w = self.bundle.spec("unet"), settings.height // m.vae_factor, settings.width // m.vae_factor
         dims = unet_spec.dims(b, settings.height, settings.width)

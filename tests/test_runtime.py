@@ -113,6 +113,20 @@ def test_user_errors_are_one_line(toy_bundle, tmp_path, extra, message):
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_a_truncated_graph_is_refused_at_start_without_hashing_it(toy_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(toy_bundle, copy)
+    entry = Bundle.open(str(copy)).graph_file("unet")
+    assert entry["bytes"][entry["path"]] == os.path.getsize(copy / entry["path"])
+    with open(copy / entry["path"], "r+b") as f:
+        f.truncate(1000)
+    result = CliRunner().invoke(elite_run, ["--bundle", str(copy), "--image", IMAGE, "--mask", MASK, "--prompt", "a S",
+                                            "--height", "256", "--width", "256", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "truncated or replaced" in result.stderr, result.output
+
+
 BLOCKER = """
 import sys, importlib.abc
 class Block(importlib.abc.MetaPathFinder):
