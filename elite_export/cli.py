@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import click
 
+from elite_export.cli_options import checkpoint_options, checkpoint_paths
 from elite_export.runtime.console import EliteGroup
 from elite_export.runtime.options import sampling_options, settings_from
 
@@ -22,31 +22,6 @@ def main() -> None:
     TensorRT engines, and hold them to the PyTorch reference.
 
     Start with `elite-export toy /tmp/toy` for a tiny model to try everything on."""
-
-
-def checkpoint_options(fn: Callable) -> Callable:
-    """--sd --image-encoder --global-mapper --local-mapper: the released checkpoints."""
-    opts = [
-        click.option("--sd", type=click.Path(), help="Stable Diffusion 1.4 folder in diffusers format."),
-        click.option("--image-encoder", type=click.Path(),
-                     help="CLIP vision folder in transformers format (clip-vit-large-patch14)."),
-        click.option("--global-mapper", type=click.Path(), help="The authors' global_mapper.pt."),
-        click.option("--local-mapper", type=click.Path(), default=None,
-                     help="The authors' local_mapper.pt (needed for --mode local)."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
-def checkpoint_paths(sd, image_encoder, global_mapper, local_mapper):
-    from elite_export.checkpoints import CheckpointPaths
-    from elite_export.errors import EliteError
-
-    for flag, v in (("--sd", sd), ("--image-encoder", image_encoder), ("--global-mapper", global_mapper)):
-        if v is None:
-            raise EliteError(f"{flag} is required (or make a tiny model with `elite-export toy DIR`)")
-    return CheckpointPaths(sd, image_encoder, global_mapper, local_mapper)
 
 
 @main.command()
@@ -110,10 +85,13 @@ def generate(sd, image_encoder, global_mapper, local_mapper, image, mask, prompt
     click.echo(f"wrote {output} ({width}x{height}; load {t1 - t0:.1f} s, generate {t2 - t1:.1f} s)")
 
 
-def _register_subcommands() -> None:
-    """Commands defined in their own modules (kept short); imported for their @main.command side effect."""
-    import elite_export.cli_bench  # noqa: F401
-    import elite_export.cli_bundle  # noqa: F401
+def _add_subcommands() -> None:
+    """Commands defined in their own modules (kept short); they do not import this one."""
+    from elite_export.bench.cli import bench, bench_ort
+    from elite_export.cli_bundle import build, check
+
+    for command in (build, check, bench, bench_ort):
+        main.add_command(command)
 
 
-_register_subcommands()
+_add_subcommands()

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from elite_export.cli import checkpoint_options, checkpoint_paths, main
+from elite_export.cli_options import checkpoint_options, checkpoint_paths
 from elite_export.errors import EliteError
 from elite_export.runtime.backends import BACKENDS
 from elite_export.runtime.console import format_table, progress
@@ -31,7 +31,7 @@ def toy_checkpoints(bundle: str, seed: int):
     return CheckpointPaths(f"{root}/sd", f"{root}/image_encoder", f"{root}/global_mapper.pt", f"{root}/local_mapper.pt")
 
 
-@main.command()
+@click.command()
 @checkpoint_options
 @click.option("--toy", is_flag=True, help="Build from a tiny random ELITE made in code (no checkpoints needed).")
 @click.option("--toy-seed", type=int, default=0, show_default=True)
@@ -102,7 +102,7 @@ def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output,
     click.echo(f"bundle written to {output} (id {result.manifest['bundle_id']})")
 
 
-@main.command()
+@click.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--precision", default=None, help="Graphs to check (default: every precision in the bundle).")
 @click.option("--image", type=click.Path(), multiple=True, help="Also check on this concept image (repeatable).")

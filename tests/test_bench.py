@@ -41,10 +41,10 @@ def test_authors_generation_matches_the_reference(toy_models, concept):
 
 
 def test_every_way_measures_and_reports(toy_models, toy_bundle, concept):
-    from elite_export.bench import BenchOptions, measure_way, runtime_overhead
-    from elite_export.bench_measure import machine
-    from elite_export.bench_report import markdown, text_report
-    from elite_export.bench_ways import STAGES, RuntimeWay, TorchWay
+    from elite_export.bench.run import BenchOptions, measure_way, runtime_overhead
+    from elite_export.bench.measure import machine
+    from elite_export.bench.report import markdown, text_report
+    from elite_export.bench.ways import STAGES, RuntimeWay, TorchWay
     from elite_export.runtime.bundle import Bundle
     from elite_export.runtime.pipeline import open_runners
 
@@ -73,7 +73,7 @@ def test_every_way_measures_and_reports(toy_models, toy_bundle, concept):
 def test_ort_sweep_times_each_variant_and_profiles_by_op(toy_bundle, tmp_path):
     import shutil
 
-    from elite_export.bench_ort import Variant, sweep
+    from elite_export.bench.ort import Variant, sweep
 
     bundle = tmp_path / "bundle"
     shutil.copytree(toy_bundle, bundle)

@@ -1,5 +1,5 @@
 """`elite-export bench`: ELITE at the real sizes (SD 1.4 UNet and VAE, CLIP ViT-L/14, 1024-wide
-mappers; random weights made in code), measured three ways in one process run (see bench_ways):
+mappers; random weights made in code), measured three ways in one process run (see bench/ways.py):
 (a) the authors' loop, (b) the batched PyTorch reference, (c) the runtime on ONNX Runtime / TensorRT.
 
 On the CPU the random checkpoints are written once to a cache folder in the released formats and
@@ -23,8 +23,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from elite_export.bench_measure import PeakMemory, machine, summary, timings
-from elite_export.bench_ways import STAGES, RuntimeWay, TorchWay, Way, Workload
+from elite_export.bench.measure import PeakMemory, machine, summary, timings
+from elite_export.bench.ways import STAGES, RuntimeWay, TorchWay, Way, Workload
 from elite_export.errors import EliteError
 from elite_export.runtime.backends import BACKENDS
 from elite_export.sd14 import default_cache
@@ -217,14 +217,3 @@ def run_bench(opts: BenchOptions) -> dict:
             "options": {k: v for k, v in asdict(opts).items() if k != "cache"} | {"dtype": "fp16" if opts.cuda
                                                                                   else "fp32"},
             "ways": results, "unavailable": unavailable, "overhead": overhead}
-
-
-def main() -> None:
-    """`python -m elite_export.bench ...`: `elite-export bench ...` where there is no console script."""
-    from elite_export.cli import main as cli
-
-    cli(["bench", *sys.argv[1:]], prog_name="python -m elite_export.bench")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""`elite-export bench`: the three ways at the real sizes (see elite_export/bench.py)."""
+"""`elite-export bench` (the three ways at the real sizes, run.py) and `bench-ort`; elite_export/cli.py adds them."""
 from __future__ import annotations
 
 import json
@@ -6,10 +6,8 @@ import os
 
 import click
 
-from elite_export.cli import main
 
-
-@main.command()
+@click.command()
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: the PyTorch ways in fp16, models made in memory.")
 @click.option("--size", type=int, default=None, help="Image side in px [default: 256 on the CPU, 512 on CUDA].")
@@ -38,8 +36,8 @@ def bench(device, size, batch, steps, warmup, reps, threads, ways, cache, bundle
       elite-export bench --json benchmarks/results/cpu-256.json
       elite-export bench --device cuda --ways authors,reference
     """
-    from elite_export.bench import WAYS, BenchOptions, run_bench
-    from elite_export.bench_report import markdown, text_report
+    from elite_export.bench.run import WAYS, BenchOptions, run_bench
+    from elite_export.bench.report import markdown, text_report
     from elite_export.cli_bundle import parse_csv
     from elite_export.sd14 import default_cache
 
@@ -61,7 +59,7 @@ def bench(device, size, batch, steps, warmup, reps, threads, ways, cache, bundle
             f.write(markdown(result) + "\n")
 
 
-@main.command("bench-ort")
+@click.command("bench-ort")
 @click.option("--bundle", type=click.Path(), default=None,
               help="An fp32 bundle built with --no-ort-fusion [default: the SD-size one, built in --cache].")
 @click.option("--size", type=int, default=256, show_default=True, help="Image side in px of the default bundle.")
@@ -75,9 +73,9 @@ def bench_ort(bundle, size, batch, threads, warmup, reps, cache, json_path) -> N
     """ONNX Runtime on the CPU, SD-size UNet step: threads (and spinning), graph optimisation levels,
     attention fused into com.microsoft.MultiHeadAttention or not; then the profile of the runtime's own
     settings by op type (Conv, MatMul, attention, norms, layout, elementwise)."""
-    from elite_export.bench import BenchOptions, sd14_bundle, sd14_paths
-    from elite_export.bench_measure import machine
-    from elite_export.bench_ort import default_variants, runtime_variant, sweep
+    from elite_export.bench.run import BenchOptions, sd14_bundle, sd14_paths
+    from elite_export.bench.measure import machine
+    from elite_export.bench.ort import default_variants, runtime_variant, sweep
     from elite_export.runtime.console import format_table
     from elite_export.sd14 import default_cache
 

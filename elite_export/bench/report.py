@@ -1,7 +1,7 @@
 """A benchmark result (bench.run_bench's dict) as text tables and as markdown."""
 from __future__ import annotations
 
-from elite_export.bench_ways import STAGES
+from elite_export.bench.ways import STAGES
 from elite_export.runtime.console import format_table
 
 LABELS = {"authors": "(a) authors", "reference": "(b) reference", "runtime-onnxruntime": "(c) runtime ORT",
