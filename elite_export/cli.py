@@ -57,8 +57,10 @@ def toy(out: str, seed: int) -> None:
 
     Same architecture and file formats as the released checkpoints, so every loading path
     that real checkpoints take is exercised. Deterministic for a seed."""
+    from elite_export.runtime.noise import check_seed
     from elite_export.toy import make_toy
 
+    check_seed(seed)
     make_toy(out, seed)
     click.echo(f"tiny ELITE written to {out}\n  --sd {out}/sd --image-encoder {out}/image_encoder "
                f"--global-mapper {out}/global_mapper.pt --local-mapper {out}/local_mapper.pt")

@@ -23,8 +23,10 @@ def parse_csv(value: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...
 def toy_checkpoints(bundle: str, seed: int):
     """The tiny model for --toy, written beside the bundle's files (kept: --backend torch reads it)."""
     from elite_export.checkpoints import CheckpointPaths
+    from elite_export.runtime.noise import check_seed
     from elite_export.toy import make_toy
 
+    check_seed(seed)
     root = os.path.join(bundle, f"toy-source-{seed}")
     if not os.path.isfile(os.path.join(root, "local_mapper.pt")):
         make_toy(root, seed)

@@ -173,3 +173,11 @@ def test_elite_run_takes_the_extreme_seeds(toy_bundle, tmp_path):
     meta = [read_png_meta(str(p)) for p in sorted(tmp_path.glob("*.png"))]
     assert [m["seed"] for m in meta] == [2**64 - 2, 2**64 - 1]
     assert (meta[0]["lambda"], meta[0]["guidance"]) == (1.0, 1.0)
+
+
+def test_toy_seeds_take_the_same_range(tmp_path):
+    from elite_export.cli import main
+
+    result = CliRunner().invoke(main, ["toy", str(tmp_path / "toy"), "--seed", str(2**64)])
+    assert result.exit_code == 1 and result.stderr.strip().startswith("error: seed must be an integer in -2**63")
+    assert not (tmp_path / "toy").exists()
