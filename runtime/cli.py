@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import click
 
@@ -109,28 +110,30 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
     """Generate images. Request i gets seed SEED + i; each PNG records every setting that made it."""
     from elite_export.runtime.bundle import Bundle
     from elite_export.runtime.images import save_png
-    from elite_export.runtime.requests import Request, words_slice
+    from elite_export.runtime.requests import Request, validate_requests
     from elite_export.runtime.timing import STAGE_HEADERS, StageTimer
 
     b = Bundle.open(bundle)
-    words_slice(mode, words)
     settings = settings_from(scheduler, steps, guidance, height, width)
-    m, r = b.model, b.ranges
-    settings.check_size(m.size_multiple, r.size[0], r.size[2])
+    settings.validate(b.model, b.ranges)
     requests = [Request(c, p, seed + i, mode, words, lam)
                 for i, (c, p) in enumerate(pair(load_concepts(b, image, mask, concept_files),
                                                  read_prompts(prompts, prompts_file)))]
-    batch = batch_size or min(len(requests), r.batch[2])
-    if not 1 <= batch <= r.batch[2]:
-        raise EliteError(f"--batch-size {batch} is outside this bundle's 1..{r.batch[2]}")
+    validate_requests(requests)
+    batch = batch_size or min(len(requests), b.ranges.batch[2])
+    if not 1 <= batch <= b.ranges.batch[2]:
+        raise EliteError(f"--batch-size {batch} is outside this bundle's 1..{b.ranges.batch[2]}")
     pipe = open_pipeline(b, backend, device, threads)
     timer = StageTimer()
-    written = []
+    written, failed = [], []
     with progress(steps * len(requests), "denoising", enabled=not quiet) as bar:
         for start in range(0, len(requests), batch):
             chunk = requests[start:start + batch]
-            images = pipe(chunk, settings, on_step=lambda i, n, k=len(chunk): bar.update(k))
-            for j, (req, img) in enumerate(zip(chunk, images)):
+            result = pipe(chunk, settings, on_step=lambda i, n, k=len(chunk): bar.update(k), validate=False)
+            for j, (req, img, err) in enumerate(zip(chunk, result.images, result.errors)):
+                if err is not None:  # nothing written for it; the other rows are unaffected
+                    failed.append(f"request {start + j} (seed {req.seed}, {req.prompt!r}): {err}; not written")
+                    continue
                 path = os.path.join(output, f"{start + j:03d}-{slug(req.prompt)}-s{req.seed}.png")
                 save_png(path, img, {**req.meta(), **settings.to_dict(), "backend": backend, "bundle_id": b.id,
                                      "concept": getattr(req.concept, "source", "") or (image + concept_files)[0]})
@@ -138,11 +141,15 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
             timer.merge(pipe.timer)
             pipe.timer = StageTimer()
     if as_json:
-        click.echo(json.dumps({"backend": backend, "files": written, **settings.to_dict(),
+        click.echo(json.dumps({"backend": backend, "files": written, "failed": failed, **settings.to_dict(),
                                **timer.to_dict(len(written))}, indent=1))
     else:
         click.echo(format_table(STAGE_HEADERS, timer.rows(len(written))))
         click.echo(f"wrote {len(written)} image(s) to {output}/")
+    for line in failed:
+        click.echo(f"error: {line}", err=True)
+    if failed:
+        sys.exit(1)
 
 
 @main.command()
