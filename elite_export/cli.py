@@ -94,9 +94,9 @@ def generate(sd, image_encoder, global_mapper, local_mapper, image, mask, prompt
 def _add_subcommands() -> None:
     """Commands defined in their own modules (kept short); they do not import this one."""
     from elite_export.bench.cli import bench, bench_ort
-    from elite_export.cli_bundle import build, check
+    from elite_export.cli_bundle import activations, build, check
 
-    for command in (build, check, bench, bench_ort):
+    for command in (build, check, activations, bench, bench_ort):
         main.add_command(command)
 
 

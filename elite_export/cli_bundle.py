@@ -150,7 +150,7 @@ def check(bundle, precision, image, mask, prompt, calib, all_cases) -> None:
         sys.exit(1)
 
 
-@main.command()
+@click.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="Graphs to run (fp32: what an fp16 build would face).")
