@@ -37,7 +37,9 @@ def toy_checkpoints(bundle: str, seed: int):
 @click.option("--toy-seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle folder to write.")
 @click.option("--precision", default="fp32,fp16", show_default=True,
-              help="fp32: graphs for ONNX Runtime on the CPU; fp16: for TensorRT (fp32 islands, fp32 I/O).")
+              help="fp32: graphs for ONNX Runtime on the CPU; fp16: for TensorRT (fp32 islands, fp32 I/O); "
+                   "cuda: fp16 graphs fused for ONNX Runtime's CUDA provider (MultiHeadAttention, GroupNorm, "
+                   "BiasSplitGelu, BiasAdd; what `elite-run --device cuda` runs).")
 @click.option("--batch", "batch", nargs=3, type=int, default=(1, 1, 4), show_default=True,
               metavar="MIN OPT MAX", help="Requests per call (the UNet runs 2x: [uncond; cond]).")
 @click.option("--size", nargs=3, type=int, default=(256, 512, 1024), show_default=True, metavar="MIN OPT MAX",
