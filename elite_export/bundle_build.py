@@ -230,6 +230,9 @@ def build_bundle(paths: CheckpointPaths, out: str, options: BuildOptions = Build
 
     if options.attention not in ("formula", "plugin"):
         raise EliteError(f"--attention must be formula or plugin, got {options.attention!r}")
+    if "cuda" in options.precisions and ("fp32" not in options.precisions or options.attention != "formula"):
+        raise EliteError("--precision cuda needs fp32 too and --attention formula (the CUDA variant is made from "
+                         "the fp32 graph; ONNX Runtime cannot run the TensorRT plugin's node)")
     os.makedirs(out, exist_ok=True)
     old = previous_manifest(out)
     sources = paths.sources()

@@ -4,7 +4,8 @@ Applied to the unfused fp32 export, before the fp16 conversion (cuda_variant.py)
 
     group_norm       x [N,C,H,W] -> Reshape [N,G,-1] -> InstanceNormalization(ones, zeros, eps) -> Reshape
                      back -> Mul gamma [C,1,1] -> Add beta [C,1,1] (-> SiLU: Sigmoid and Mul, when nothing
-                     else reads the affine output)
+                     else reads the affine output); not an attention's GroupNorm over [N,C,L] tokens (the
+                     VAE's: gamma [C,1]), which stays
                   => Transpose to NHWC -> GroupNorm(gamma [C], beta [C] in fp32, groups G, epsilon,
                      activation 1 with the SiLU absorbed, channels_last 1) -> Transpose back to NCHW
     bias_split_gelu  GEGLU: MatMul -> Add bias [2F] -> Split in halves on the last axis -> left * gelu(right),
