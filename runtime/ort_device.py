@@ -153,7 +153,9 @@ class OrtDeviceRunner(GraphRunner):
         return step
 
     def close(self) -> None:
+        """Drop the slots and the session (ONNX Runtime frees the session's device memory with it)."""
         self.slots.clear()
+        self.session = None
 
 
 CUDA_GRAPH_GRAPHS = ("unet",)  # the graph run once per step
