@@ -115,6 +115,36 @@ def markdown(result: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-if __name__ == "__main__":  # python -m elite_export.bench_report RESULT.json: its tables as markdown
-    with open(sys.argv[1]) as f:
-        print(markdown(json.load(f)))
+def merge(results: list[dict]) -> dict:
+    """One result from several runs' (gpu_check.sh runs the ways in separate processes): the first's
+    machine and options, every run's ways, unavailable ways and overheads."""
+    out = {**results[0], "ways": {}, "unavailable": {}, "overhead": {}}
+    for r in results:
+        for key in ("ways", "unavailable", "overhead"):
+            out[key].update(r.get(key, {}))
+    out["load_average_end"] = results[-1]["load_average_end"]
+    out["options"] = {**results[0]["options"], "ways": [w for r in results for w in r["options"].get("ways", [])]}
+    return out
+
+
+def main(argv: list[str]) -> int:
+    """python -m elite_export.bench_report RESULT.json... [--json MERGED.json]: their tables as markdown."""
+    out = argv[argv.index("--json") + 1] if "--json" in argv else None
+    paths = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
+    results = []
+    for path in paths:
+        with open(path) as f:
+            results.append(json.load(f))
+    if not results:
+        print("no results given", file=sys.stderr)
+        return 1
+    result = merge(results)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -33,7 +33,7 @@ from elite_export.runtime.backends import BoundRun, GraphRunner, OrtRunner
 from elite_export.runtime.bundle import Bundle
 from elite_export.specs import GRAPH_NAMES, GraphSpec
 
-GPU_HINT = ("--device cuda needs onnxruntime-gpu (CUDA 12/13 and cuDNN 9 libraries on the library path) and "
+GPU_HINT = ("--device cuda needs onnxruntime-gpu (the CUDA and cuDNN 9 libraries it was built for on the library path) and "
             "an NVIDIA GPU")
 MAX_SHAPE_SETS = 4  # slots kept per runner (the text encoder alternates K = 1 and 5)
 

@@ -22,7 +22,8 @@
 #   bench-c      (c) the runtime on ORT-CUDA, with and without the UNet step as a CUDA graph
 #   bench-b2     (b') the reference with its UNet under torch.compile(mode="reduce-overhead"): last, its
 #                compile is the slowest thing here
-# With TensorRT (python -c 'import tensorrt'), also the engine stages of before (trt-*); with ATTENTION=1 the
+# With TensorRT (python -c 'import tensorrt'), also the engine stages of before (trt-*: engines of the toy
+# bundle, elite-run on tensorrt/onnxruntime/torch and their image parity, polygraphy per graph); with ATTENTION=1 the
 # Triton attention kernel's table (scripts/gpu_attention_bench.py).
 # OUT_DIR gets at most 8 files (what a device call brings back): summary.txt, bench.json, bench.md,
 # parity.json, parity.md, logs.tar.gz (every stage's log).
@@ -96,10 +97,12 @@ wait_for() {  # wait_for NAME...: until WORK/NAME.rc exists for each (gpu_prepar
 }
 
 toy_bundles() {  # gpu_prepare.sh's toy builds, or the same here when it never ran
-  if [[ ! -f "$WORK/toy.log" ]]; then
-    ( elite_export build --toy --precision fp32,fp16,cuda -o "$WORK/toy" > "$WORK/toy.log" 2>&1; echo $? > "$WORK/toy.rc" ) &
-    ( elite_export build --toy --precision fp32,cuda --static --batch 1 1 1 --size 256 256 256 -o "$WORK/toy-static" \
-        > "$WORK/toy-static.log" 2>&1; echo $? > "$WORK/toy-static.rc" ) &
+  if [[ ! -f "$WORK/toy.log" ]]; then  # (the logs made first: wait_for reads them; nothing holds tee's pipe)
+    : > "$WORK/toy.log"; : > "$WORK/toy-static.log"
+    ( elite_export build --toy --precision fp32,fp16,cuda -o "$WORK/toy"; echo $? > "$WORK/toy.rc" ) \
+      > "$WORK/toy.log" 2>&1 < /dev/null &
+    ( elite_export build --toy --precision fp32,cuda --static --batch 1 1 1 --size 256 256 256 -o "$WORK/toy-static"
+      echo $? > "$WORK/toy-static.rc" ) > "$WORK/toy-static.log" 2>&1 < /dev/null &
   fi
   wait_for toy toy-static
 }
@@ -107,6 +110,14 @@ toy_bundles() {  # gpu_prepare.sh's toy builds, or the same here when it never r
 ort_tests() {
   ELITE_GPU_WORK="$WORK" "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_ort_cuda_gpu.py
   local rc=$?; (( rc == 5 )) && return 99; return $rc
+}
+
+run_backend() {  # run_backend BACKEND: elite-run on the TensorRT toy bundle, JSON on stdout -> WORK/trt-runs/BACKEND.json
+  local b=$1 runs="$WORK/trt-runs"
+  mkdir -p "$runs"
+  elite_run --bundle "$WORK/trt" --image calib/concepts/7.jpg --mask calib/concepts/7_bg.png \
+    --prompt "a photo of a S" --backend "$b" -o "$runs/$b" --json > "$runs/$b.json"
+  local rc=$?; cat "$runs/$b.json"; return $rc
 }
 
 bench() {  # bench JSON ARGS...: elite-export bench on CUDA, its result (written after each way) to WORK/JSON
@@ -118,7 +129,7 @@ bench() {  # bench JSON ARGS...: elite-export bench on CUDA, its result (written
 
 export PY OUT_DIR SITE SHIM WORK BENCH_REPS
 export -f has_module elite_export elite_run env_report install_wheels install_if_needed ort_gpu_ready install_ort_gpu \
-  cuda_tests wait_for toy_bundles ort_tests bench
+  cuda_tests wait_for toy_bundles ort_tests run_backend bench
 
 run_stage env 30 env_report
 run_stage wheels 60 install_wheels
@@ -128,8 +139,10 @@ run_stage cuda 60 cuda_tests
 run_stage bundles 150 toy_bundles
 run_stage ort-tests 90 ort_tests
 run_stage parity 100 "$PY" scripts/gpu_ort_parity.py "$WORK" --json "$OUT_DIR/parity.json" --markdown "$OUT_DIR/parity.md"
-if has_tensorrt; then  # the engine stages of before, on the toy bundle
+if has_tensorrt; then  # the engine stages of before, on the toy bundle: TensorRT vs ONNX Runtime vs torch
   run_stage trt-bundle 150 elite_export build --toy --precision fp32,fp16 --backend tensorrt -o "$WORK/trt"
+  for b in tensorrt onnxruntime torch; do run_stage "trt-run-$b" 60 run_backend "$b"; done
+  run_stage trt-parity 20 "$PY" scripts/gpu_parity.py images "$WORK/trt-runs" tensorrt onnxruntime torch
   run_stage trt-graphs 120 "$PY" scripts/gpu_parity.py graphs "$WORK/trt"
 fi
 if [[ "${ATTENTION:-0}" == 1 ]]; then  # the Triton ELITE attention kernel's error/timing table (issue 7)

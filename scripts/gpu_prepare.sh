@@ -30,7 +30,7 @@ source scripts/gpu_env.sh
 
 build_one() {  # build_one NAME ARGS...: elite-export build ARGS -o WORK/NAME, logged, rc recorded
   local name=$1; shift
-  ( elite_export build "$@" -o "$WORK/$name" > "$WORK/$name.log" 2>&1; echo $? > "$WORK/$name.rc" ) &
+  ( elite_export build "$@" -o "$WORK/$name"; echo $? > "$WORK/$name.rc" ) > "$WORK/$name.log" 2>&1 < /dev/null &
 }
 
 build_sd14() {
@@ -53,7 +53,7 @@ case "${1:-status}" in
   build)
     build_one toy --toy --precision fp32,fp16,cuda
     build_one toy-static --toy --precision fp32,cuda --static --batch 1 1 1 --size 256 256 256
-    build_sd14 &
+    build_sd14 < /dev/null &
     wait
     ;;
   status)
