@@ -104,6 +104,12 @@ def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output,
     click.echo(f"bundle written to {output} (id {result.manifest['bundle_id']})")
 
 
+def cuda_provider() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--precision", default=None, help="Graphs to check (default: every precision in the bundle).")
@@ -125,6 +131,9 @@ def check(bundle, precision, image, mask, prompt, calib, all_cases) -> None:
     b = Bundle.open(bundle)
     precisions = parse_csv(precision, tuple(b.manifest["precisions"]), "--precision") if precision \
         else tuple(b.manifest["precisions"])
+    if not precision and "cuda" in precisions and not cuda_provider():
+        precisions = tuple(p for p in precisions if p != "cuda")
+        click.echo("cuda graphs not checked: they run on ONNX Runtime's CUDA provider (onnxruntime-gpu and a GPU)")
     if len(image) != len(mask):
         raise EliteError("give one --mask per --image")
     checker = ParityChecker(b, precisions)

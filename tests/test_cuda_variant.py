@@ -155,3 +155,19 @@ def test_cuda_variant_needs_fp32_and_the_formula_attention(toy_bundle, tmp_path)
         result = CliRunner().invoke(main, ["build", "--toy", "-o", str(copy), *extra])
         assert result.exit_code == 1, result.output
         assert "needs" in result.stderr and "Traceback" not in result.output
+
+
+def test_check_skips_the_cuda_graphs_without_a_gpu_and_says_so(cuda_bundle):
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from elite_export.cli import main
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu here: check runs the cuda graphs")
+    result = CliRunner().invoke(main, ["check", str(cuda_bundle)])
+    assert result.exit_code == 0, result.output
+    precisions = {line.split()[2] for line in result.output.splitlines() if line.split()[:1] in (["unet"], ["vae_decoder"])}
+    assert "cuda graphs not checked" in result.output and precisions == {"fp32", "fp16"}
+    result = CliRunner().invoke(main, ["check", str(cuda_bundle), "--precision", "cuda"])
+    assert result.exit_code == 1 and "onnxruntime-gpu" in result.output  # asked for: a failing row that says why
