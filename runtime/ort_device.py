@@ -60,7 +60,8 @@ def make_session(spec: GraphSpec, path: str, device: str, cuda_graph: bool, thre
     opts.log_severity_level = 3
     if cuda_graph:
         opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    providers = ([("CUDAExecutionProvider", cuda_provider_options(cuda_graph)), "CPUExecutionProvider"]
+    providers = ([("CUDAExecutionProvider", cuda_provider_options(cuda_graph))]  # (no CPU EP named with the
+                 + ([] if cuda_graph else ["CPUExecutionProvider"])  # fallback off: ORT calls that a conflict)
                  if device == "cuda" else ["CPUExecutionProvider"])
     try:
         session = ort.InferenceSession(path, opts, providers=providers)
