@@ -43,6 +43,22 @@ def cuda_provider_options(cuda_graph: bool, device_id: int = 0) -> dict[str, str
             "cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": "1"}
 
 
+def session_config(device: str, cuda_graph: bool, threads: int = 0) -> tuple[object, list]:
+    """(SessionOptions, providers). A CUDA graph needs every node on the CUDA provider: CPU fallback off,
+    and then no CPU provider named (ONNX Runtime refuses the two together as a conflict)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    if cuda_graph:
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if device != "cuda":
+        return opts, ["CPUExecutionProvider"]
+    return opts, [("CUDAExecutionProvider", cuda_provider_options(cuda_graph))] + ([] if cuda_graph else
+                                                                                   ["CPUExecutionProvider"])
+
+
 def make_session(spec: GraphSpec, path: str, device: str, cuda_graph: bool, threads: int = 0):
     """An InferenceSession on `device`; EliteError (one line) for a missing provider, a provider that
     could not load its libraries, or a graph that cannot be captured."""
@@ -55,14 +71,7 @@ def make_session(spec: GraphSpec, path: str, device: str, cuda_graph: bool, thre
     if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise EliteError(f"{GPU_HINT}; this onnxruntime ({ort.__version__}) offers "
                          f"{', '.join(ort.get_available_providers())}")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    if cuda_graph:
-        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    providers = ([("CUDAExecutionProvider", cuda_provider_options(cuda_graph))]  # (no CPU EP named with the
-                 + ([] if cuda_graph else ["CPUExecutionProvider"])  # fallback off: ORT calls that a conflict)
-                 if device == "cuda" else ["CPUExecutionProvider"])
+    opts, providers = session_config(device, cuda_graph, threads)
     try:
         session = ort.InferenceSession(path, opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/NotImplemented types

@@ -165,4 +165,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from elite_export.errors import EliteError
+
+    try:
+        sys.exit(main())
+    except EliteError as e:  # no onnxruntime-gpu or GPU, a broken bundle: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

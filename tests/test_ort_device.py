@@ -126,3 +126,20 @@ def test_cuda_graph_needs_the_cuda_device(toy_bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps({**manifest, "static": True}))  # the flag the check reads
     with pytest.raises(EliteError, match="CUDA graphs need --device cuda"):
         open_runners(Bundle.open(str(copy)), cuda_graph=True)
+
+
+def test_cuda_graph_sessions_name_only_the_cuda_provider(toy_bundle):
+    """ONNX Runtime refuses CPU fallback disabled together with the CPU provider named (checked here, so a
+    change in a later ONNX Runtime shows), so the CUDA-graph configuration names the CUDA provider alone."""
+    import onnxruntime as ort
+
+    from elite_export.runtime.ort_device import session_config
+
+    opts, providers = session_config("cuda", cuda_graph=True)
+    assert providers == [("CUDAExecutionProvider", {"device_id": "0", "enable_cuda_graph": "1",
+                                                     "cudnn_conv_algo_search": "EXHAUSTIVE",
+                                                     "do_copy_in_default_stream": "1"})]
+    assert session_config("cuda", cuda_graph=False)[1][1] == "CPUExecutionProvider"
+    with pytest.raises(Exception, match="Conflicting session configuration"):
+        ort.InferenceSession(Bundle.open(str(toy_bundle)).graph_path("text_encoder"), opts,
+                             providers=["CPUExecutionProvider"])
