@@ -27,9 +27,10 @@ WORK = os.environ.get("ELITE_GPU_WORK")
 
 
 @pytest.fixture(scope="module")
-def toy(toy_bundle, tmp_path_factory) -> Bundle:
+def toy(request, tmp_path_factory) -> Bundle:
     if WORK and (Path(WORK) / "toy" / "manifest.json").exists():
         return Bundle.open(f"{WORK}/toy")
+    toy_bundle = request.getfixturevalue("toy_bundle")  # only when there is none built: it takes a minute
     from elite_export.bundle_build import BuildOptions, build_bundle
     from elite_export.cli_bundle import toy_checkpoints
     from elite_export.specs import ShapeRanges
