@@ -57,7 +57,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image"
 
 
-def open_pipeline(bundle, backend: str, device: str, threads: int):
+def open_pipeline(bundle, backend: str, device: str, threads: int, precision: str = "auto", cuda_graph: bool = False):
     if backend == "torch":  # the PyTorch reference, from the bundle's recorded checkpoints
         from elite_export.parity import reference_models
         from elite_export.pipeline import ElitePipeline
@@ -65,7 +65,8 @@ def open_pipeline(bundle, backend: str, device: str, threads: int):
         return ElitePipeline(reference_models(bundle), placeholder=bundle.manifest["placeholder"])
     from elite_export.runtime.pipeline import RuntimePipeline, open_runners
 
-    return RuntimePipeline(bundle, open_runners(bundle, backend, device, threads))
+    return RuntimePipeline(bundle, open_runners(bundle, backend, device, threads,
+                                                None if precision == "auto" else precision, cuda_graph))
 
 
 def load_concepts(bundle, images: tuple[str, ...], masks: tuple[str, ...], concept_files: tuple[str, ...]) -> list:
@@ -85,7 +86,13 @@ backend_option = click.option("--backend", type=click.Choice([*BACKENDS, "torch"
                               default="onnxruntime", show_default=True,
                               help="torch = the PyTorch reference (needs the export extra and the source checkpoints).")
 device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                             help="onnxruntime provider (cuda needs onnxruntime-gpu).")
+                             help="onnxruntime provider (cuda needs onnxruntime-gpu: inputs and outputs stay in "
+                                  "device memory).")
+precision_option = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "cuda"]), default="auto",
+                                show_default=True, help="onnxruntime graphs: auto = the bundle's cuda variant on "
+                                "--device cuda (else fp16, else fp32), fp32 on the CPU.")
+cuda_graph_option = click.option("--cuda-graph", is_flag=True,
+                                 help="Replay the UNet step as a CUDA graph (--device cuda, static bundles).")
 threads_option = click.option("--threads", type=int, default=0, show_default=True,
                               help="onnxruntime intra-op threads (0 = its choice).")
 
@@ -101,12 +108,15 @@ threads_option = click.option("--threads", type=int, default=0, show_default=Tru
 @click.option("--batch-size", type=int, default=None, help="Requests per UNet call (default: the bundle's max).")
 @backend_option
 @device_option
+@precision_option
+@cuda_graph_option
 @threads_option
 @click.option("-o", "--output", default="elite_out", show_default=True, type=click.Path(), help="Folder for the PNGs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stage table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, words, lam, scheduler, steps, guidance,
-             seed, height, width, batch_size, backend, device, threads, output, as_json, quiet) -> None:
+             seed, height, width, batch_size, backend, device, precision, cuda_graph, threads, output, as_json,
+             quiet) -> None:
     """Generate images. Request i gets seed SEED + i; each PNG records every setting that made it."""
     from elite_export.runtime.bundle import Bundle
     from elite_export.runtime.images import save_png
@@ -123,7 +133,7 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
     batch = batch_size or min(len(requests), b.ranges.batch[2])
     if not 1 <= batch <= b.ranges.batch[2]:
         raise EliteError(f"--batch-size {batch} is outside this bundle's 1..{b.ranges.batch[2]}")
-    pipe = open_pipeline(b, backend, device, threads)
+    pipe = open_pipeline(b, backend, device, threads, precision, cuda_graph)
     timer = StageTimer()
     written, failed = [], []
     with progress(steps * len(requests), "denoising", enabled=not quiet) as bar:
@@ -135,7 +145,8 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
                     failed.append(f"request {start + j} (seed {req.seed}, {req.prompt!r}): {err}; not written")
                     continue
                 path = os.path.join(output, f"{start + j:03d}-{slug(req.prompt)}-s{req.seed}.png")
-                save_png(path, img, {**req.meta(), **settings.to_dict(), "backend": backend, "bundle_id": b.id,
+                save_png(path, img, {**req.meta(), **settings.to_dict(), "backend": backend, "device": device,
+                                     "bundle_id": b.id,
                                      "concept": getattr(req.concept, "source", "") or (image + concept_files)[0]})
                 written.append(path)
             timer.merge(pipe.timer)
@@ -159,7 +170,8 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
 @click.option("-o", "--output", required=True, type=click.Path(), help="The .concept file to write.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
 @device_option
-def encode(bundle, image, mask, output, backend, device) -> None:
+@precision_option
+def encode(bundle, image, mask, output, backend, device, precision) -> None:
     """Run the concept encoder once and store the words and local tokens (safetensors)."""
     from elite_export.runtime.bundle import Bundle
     from elite_export.runtime.concept import save_concept
@@ -169,7 +181,7 @@ def encode(bundle, image, mask, output, backend, device) -> None:
 
     b = Bundle.open(bundle)
     inputs = load_concept(image, mask)
-    pipe = RuntimePipeline(b, open_runners(b, backend, device))
+    pipe = RuntimePipeline(b, open_runners(b, backend, device, precision=None if precision == "auto" else precision))
     words, local = pipe.encode_concepts([inputs])
     save_concept(output, EncodedConcept(words[0], local[0]), b, image, mask)
     click.echo(f"wrote {output} (bundle {b.id})")
