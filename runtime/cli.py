@@ -56,25 +56,13 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image"
 
 
-def open_pipeline(bundle, backend: str, device: str, threads: int):
-    if backend == "torch":  # the PyTorch reference, from the bundle's recorded checkpoints
-        from elite_export.parity import reference_models
-        from elite_export.pipeline import ElitePipeline
-
-        return ElitePipeline(reference_models(bundle), placeholder=bundle.manifest["placeholder"])
-    from elite_export.runtime.pipeline import RuntimePipeline, open_runners
-
-    return RuntimePipeline(bundle, open_runners(bundle, backend, device, threads))
-
-
-def load_concepts(bundle, images: tuple[str, ...], masks: tuple[str, ...], concept_files: tuple[str, ...]) -> list:
+def load_concepts(gen, images: tuple[str, ...], masks: tuple[str, ...], concept_files: tuple[str, ...]) -> list:
     from elite_export.runtime.concept import load_concept_file
-    from elite_export.runtime.preprocess import load_concept
 
     if len(images) != len(masks):
         raise EliteError(f"{len(images)} --image and {len(masks)} --mask: give one --mask per --image")
-    concepts = [load_concept(i, m) for i, m in zip(images, masks)]
-    concepts += [load_concept_file(c, bundle) for c in concept_files]
+    concepts = [gen.concept(i, m) for i, m in zip(images, masks)]
+    concepts += [load_concept_file(c, gen.bundle) for c in concept_files]
     if not concepts:
         raise EliteError("give a concept: --image X --mask M, or --concept FILE (from `elite-run encode`)")
     return concepts
@@ -107,36 +95,24 @@ threads_option = click.option("--threads", type=int, default=0, show_default=Tru
 def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, words, lam, scheduler, steps, guidance,
              seed, height, width, batch_size, backend, device, threads, output, as_json, quiet) -> None:
     """Generate images. Request i gets seed SEED + i; each PNG records every setting that made it."""
-    from elite_export.runtime.bundle import Bundle
+    from elite_export.runtime.generator import Generator
     from elite_export.runtime.images import save_png
-    from elite_export.runtime.requests import Request, words_slice
-    from elite_export.runtime.timing import STAGE_HEADERS, StageTimer
+    from elite_export.runtime.requests import Request
+    from elite_export.runtime.timing import STAGE_HEADERS
 
-    b = Bundle.open(bundle)
-    words_slice(mode, words)
+    gen = Generator(bundle, backend, device, threads, load=False)  # graphs load once the inputs are checked
     settings = settings_from(scheduler, steps, guidance, height, width)
-    m, r = b.model, b.ranges
-    settings.check_size(m.size_multiple, r.size[0], r.size[2])
     requests = [Request(c, p, seed + i, mode, words, lam)
-                for i, (c, p) in enumerate(pair(load_concepts(b, image, mask, concept_files),
+                for i, (c, p) in enumerate(pair(load_concepts(gen, image, mask, concept_files),
                                                  read_prompts(prompts, prompts_file)))]
-    batch = batch_size or min(len(requests), r.batch[2])
-    if not 1 <= batch <= r.batch[2]:
-        raise EliteError(f"--batch-size {batch} is outside this bundle's 1..{r.batch[2]}")
-    pipe = open_pipeline(b, backend, device, threads)
-    timer = StageTimer()
     written = []
     with progress(steps * len(requests), "denoising", enabled=not quiet) as bar:
-        for start in range(0, len(requests), batch):
-            chunk = requests[start:start + batch]
-            images = pipe(chunk, settings, on_step=lambda i, n, k=len(chunk): bar.update(k))
-            for j, (req, img) in enumerate(zip(chunk, images)):
-                path = os.path.join(output, f"{start + j:03d}-{slug(req.prompt)}-s{req.seed}.png")
-                save_png(path, img, {**req.meta(), **settings.to_dict(), "backend": backend, "bundle_id": b.id,
-                                     "concept": getattr(req.concept, "source", "") or (image + concept_files)[0]})
+        for results in gen.chunks(requests, settings, batch_size, on_step=lambda i, n, rows: bar.update(rows)):
+            for r in results:
+                path = os.path.join(output, f"{len(written):03d}-{slug(r.meta['prompt'])}-s{r.meta['seed']}.png")
+                save_png(path, r.image, r.meta)
                 written.append(path)
-            timer.merge(pipe.timer)
-            pipe.timer = StageTimer()
+    timer = gen.take_timer()
     if as_json:
         click.echo(json.dumps({"backend": backend, "files": written, **settings.to_dict(),
                                **timer.to_dict(len(written))}, indent=1))
@@ -154,15 +130,9 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
 @device_option
 def encode(bundle, image, mask, output, backend, device) -> None:
     """Run the concept encoder once and store the words and local tokens (safetensors)."""
-    from elite_export.runtime.bundle import Bundle
     from elite_export.runtime.concept import save_concept
-    from elite_export.runtime.pipeline import RuntimePipeline, open_runners
-    from elite_export.runtime.preprocess import load_concept
-    from elite_export.runtime.requests import EncodedConcept
+    from elite_export.runtime.generator import Generator
 
-    b = Bundle.open(bundle)
-    inputs = load_concept(image, mask)
-    pipe = RuntimePipeline(b, open_runners(b, backend, device))
-    words, local = pipe.encode_concepts([inputs])
-    save_concept(output, EncodedConcept(words[0], local[0]), b, image, mask)
-    click.echo(f"wrote {output} (bundle {b.id})")
+    gen = Generator(bundle, backend, device, load=False)
+    save_concept(output, gen.encode(image, mask), gen.bundle, image, mask)
+    click.echo(f"wrote {output} (bundle {gen.bundle.id})")
