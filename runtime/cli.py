@@ -136,3 +136,42 @@ def encode(bundle, image, mask, output, backend, device) -> None:
     gen = Generator(bundle, backend, device, load=False)
     save_concept(output, gen.encode(image, mask), gen.bundle, image, mask)
     click.echo(f"wrote {output} (bundle {gen.bundle.id})")
+
+
+@main.command()
+@click.option("--bundle", required=True, type=click.Path(), help="Bundle folder from `elite-export build`.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port (0: a free one, printed).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
+@device_option
+@threads_option
+@click.option("--replicas", type=int, default=1, show_default=True, help="Copies of the graphs (each a Ray actor; "
+              "one GPU each with --device cuda).")
+@click.option("--max-batch", type=int, default=0, show_default=True,
+              help="Images per pipeline call; 0: the bundle's max; 1: no batching.")
+@click.option("--batch-wait-ms", type=float, default=10.0, show_default=True,
+              help="How long a batch waits for compatible requests to fill it.")
+@click.option("--max-queue", type=int, default=16, show_default=True,
+              help="Images waiting per replica; past it requests get 503 with Retry-After.")
+@click.option("--timeout-s", type=float, default=300.0, show_default=True,
+              help="Per request, from its arrival; past it 504 and its work is dropped.")
+@click.option("--concept-cache", type=int, default=128, show_default=True, help="Encoded concepts kept per replica.")
+@click.option("--max-upload-mb", type=float, default=16.0, show_default=True, help="Largest request body.")
+def serve(bundle, host, port, backend, device, threads, replicas, max_batch, batch_wait_ms, max_queue, timeout_s,
+          concept_cache, max_upload_mb) -> None:
+    """Serve the bundle over HTTP (Ray Serve, started in this process): POST /v1/encode, POST /v1/generate,
+    GET /health /ready /metrics, API docs at /docs. Ready once every graph is loaded and warmed.
+
+    \b
+      elite-run serve --bundle demo_out/bundle --port 8000
+      curl -F image=@cat.jpg -F mask=@cat_bg.png -F prompt="a S on the beach" -F steps=25 \\
+           -F height=256 -F width=256 http://127.0.0.1:8000/v1/generate -o beach.png
+
+    Needs the serve extra: pip install 'elite-export[serve]'."""
+    from elite_export.runtime.serve.launch import serve_until_stopped
+    from elite_export.runtime.serve.options import ServeOptions
+
+    opts = ServeOptions(bundle=bundle, backend=backend, device=device, threads=threads, replicas=replicas,
+                        max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
+                        concept_cache=concept_cache, max_upload_mb=max_upload_mb)
+    serve_until_stopped(opts, host, port, click.echo)
