@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -46,7 +47,7 @@ def concept_id(image: np.ndarray, mask: np.ndarray) -> str:
 
 
 def _label(src: Source) -> str:
-    return repr(src) if isinstance(src, str) else f"(upload of {len(src)} bytes)"
+    return repr(src) if isinstance(src, str) else f"(uploaded, {len(src):,} bytes)"
 
 
 def _open(src: Source, what: str, max_pixels: int | None = None) -> Image.Image:
@@ -59,7 +60,7 @@ def _open(src: Source, what: str, max_pixels: int | None = None) -> Image.Image:
                              f"{max_pixels:,} px allowed; send a smaller image")
         img.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        reason = " ".join(str(e).split())[:200]  # one line
+        reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", " ".join(str(e).split()))[:200]  # one line
         raise EliteError(f"{what} {_label(src)} is not an image PIL can read ({reason})") from None
     return img
 

@@ -116,7 +116,7 @@ class EliteService:
             return await asyncio.wait_for(work, limit)
         except TimeoutError:
             raise HttpError(504, f"not done within {limit:g} s (the deadline: the request's timeout_s or the "
-                                 f"service's --timeout-s {self.opts.timeout_s:g}); its work was dropped") from None
+                                 f"service's --timeout-s {self.opts.timeout_s:g}); its work is dropped") from None
 
     @api.get("/health", summary="Liveness: this replica answers.")
     async def health(self) -> dict:
@@ -195,6 +195,8 @@ class EliteService:
             done = await asyncio.gather(*(self._batch(row) for row in rows))
         finally:
             self.r.unqueue(rows)
+            for row in rows:  # answered or given up: a call whose rows all gave up stops at its next step
+                row.abandoned = True
         for d in done:
             if isinstance(d, BaseException):
                 raise d

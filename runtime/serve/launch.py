@@ -86,7 +86,9 @@ def start(opts: ServeOptions, host: str, port: int, num_cpus: int | None = None)
             gpus = ray.cluster_resources().get("GPU", 0)
             if gpus < opts.replicas:
                 raise EliteError(f"--replicas {opts.replicas} on --device cuda needs a GPU each; Ray sees {gpus:g}")
-        serve.start(http_options={"host": host, "port": port, "request_timeout_s": opts.timeout_s + 30})
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": opts.timeout_s + 30},
+                    logging_config={"log_level": "WARNING", "enable_access_log": False})
         try:
             serve.run(application(opts, bundle_max_batch), name=APP_NAME, route_prefix="/", blocking=False,
                       logging_config={"log_level": "WARNING", "enable_access_log": False})

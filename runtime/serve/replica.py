@@ -37,8 +37,14 @@ class Ticket:
 
 
 class Row(Ticket):
+    abandoned = False  # its HTTP request is answered already (deadline, disconnect): nobody waits for it
+
     def __init__(self, request: Request, settings: GenerationSettings):
         self.request, self.settings, self.key = request, settings, batch_key(settings)
+
+
+class Abandoned(Exception):
+    """A pipeline call stopped between steps: every row in it was abandoned."""
 
 
 @dataclass
@@ -135,8 +141,9 @@ class Replica:
                 self.running += len(part)
                 self.metrics.running.set(self.running)
                 try:
-                    results, seconds = await self.on_pipeline(self._generate, [rows[i].request for i in part],
-                                                              rows[part[0]].settings)
+                    rows_of_call = [rows[i] for i in part]
+                    results, seconds = await self.on_pipeline(self._generate, [r.request for r in rows_of_call],
+                                                              rows[part[0]].settings, rows_of_call)
                     for i, r in zip(part, results):
                         out[i] = RowResult(r, seconds, len(part))
                 except Exception as e:  # noqa: BLE001 - each row's caller gets it (EliteError -> 4xx, else 500)
@@ -147,12 +154,19 @@ class Replica:
                     self.metrics.running.set(self.running)
         return out
 
-    def _generate(self, requests: list[Request], settings: GenerationSettings) -> tuple[list[Result], float]:
-        """On the pipeline thread."""
+    def _generate(self, requests: list[Request], settings: GenerationSettings,
+                  rows: list[Row]) -> tuple[list[Result], float]:
+        """On the pipeline thread. Stops between steps once every row's request has been answered."""
+        def check(step: int, steps: int, n: int) -> None:
+            if all(r.abandoned for r in rows):
+                raise Abandoned(f"dropped after step {step} of {steps}: every request of this call gave up")
+
         t0 = time.perf_counter()
-        results = self.gen.generate(requests, settings, batch_size=len(requests))
+        try:
+            results = self.gen.generate(requests, settings, batch_size=len(requests), on_step=check)
+        finally:
+            self.metrics.stages(self.gen.take_timer())
         seconds = time.perf_counter() - t0
-        self.metrics.stages(self.gen.take_timer())
         self.metrics.batch_size.observe(len(requests))
         self.metrics.batch_seconds.observe(seconds)
         self.call_seconds = seconds if self.call_seconds is None else 0.8 * self.call_seconds + 0.2 * seconds
