@@ -142,8 +142,9 @@ class Generator:
         for start in range(0, len(requests), b):
             chunk = requests[start:start + b]
             step = None if on_step is None else (lambda i, n, k=len(chunk): on_step(i, n, k))
+            pipeline = self.pipeline  # loads the graphs on first use
             try:
-                images = self.pipeline(chunk, settings, on_step=step)
+                images = pipeline(chunk, settings, on_step=step)
             finally:  # an on_step that raises (the service dropping a call nobody waits for) still counts
                 self._collect_timer()
             yield [Result(img, self.meta(req, settings)) for req, img in zip(chunk, images)]
