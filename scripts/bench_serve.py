@@ -157,7 +157,7 @@ def markdown(res: dict) -> str:
     ref = next(c for c in cli if c["batch"] == res["batch"])
     single = next(c for c in cli if c["batch"] == 1)
     lines = [f"### elite-run serve vs elite-run, {a['bundle_name']}, {a['height']}x{a['width']}, {a['steps']} steps "
-             f"({a['scheduler']}), {a['backend']}/{a['device']}",
+             f"({a['scheduler']}), {a['backend']}/{a['device']}, threads {a['threads'] or 'onnxruntime default'}",
              "", f"{res['machine']['date']}; {res['machine']['cores']} cores, load {res['machine']['load_1m']:.2f} at "
              f"start; ray {res['machine']['ray']}, onnxruntime {res['machine']['onnxruntime']}; {a['requests']} "
              f"requests per client; batch wait {a['batch_wait_ms']:g} ms", "",

@@ -61,7 +61,8 @@ def one_line(exc: BaseException) -> str:
             text = f"unknown field {where!r}"
         else:
             got = e.get("input")
-            shown = f" (got {got!r:.60})" if isinstance(got, (str, int, float)) else ""
+            r = repr(got)
+            shown = f" (got {r if len(r) <= 60 else r[:56] + ' ...'})" if isinstance(got, (str, int, float)) else ""
             text = f"{where}: {e['msg']}{shown}"
         return text + (f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else "")
     if isinstance(exc, EliteError):
