@@ -32,8 +32,10 @@ def toy(out: str, seed: int) -> None:
 
     Same architecture and file formats as the released checkpoints, so every loading path
     that real checkpoints take is exercised. Deterministic for a seed."""
+    from elite_export.runtime.noise import check_seed
     from elite_export.toy import make_toy
 
+    check_seed(seed)
     make_toy(out, seed)
     click.echo(f"tiny ELITE written to {out}\n  --sd {out}/sd --image-encoder {out}/image_encoder "
                f"--global-mapper {out}/global_mapper.pt --local-mapper {out}/local_mapper.pt")
@@ -60,25 +62,29 @@ def generate(sd, image_encoder, global_mapper, local_mapper, image, mask, prompt
     import torch
 
     from elite_export.checkpoints import load_models
+    from elite_export.errors import EliteError
     from elite_export.pipeline import ElitePipeline
     from elite_export.runtime.console import progress
     from elite_export.runtime.images import save_png
     from elite_export.runtime.preprocess import load_concept
-    from elite_export.runtime.requests import Request, words_slice
+    from elite_export.runtime.requests import Request
 
     settings = settings_from(scheduler, steps, guidance, height, width)
-    settings.check_size()
-    words_slice(mode, words)
+    settings.validate()
     concept = load_concept(image, mask)
+    request = Request(concept, prompt, seed, mode, words, lam)
+    request.validate()
     t0 = time.perf_counter()
     models = load_models(checkpoint_paths(sd, image_encoder, global_mapper, local_mapper), attention)
     device = "cuda" if dtype == "fp16" or (attention == "plugin" and torch.cuda.is_available()) else "cpu"
     pipe = ElitePipeline(models, device, torch.float16 if dtype == "fp16" else torch.float32, placeholder)
     t1 = time.perf_counter()
-    request = Request(concept, prompt, seed, mode, words, lam)
     with progress(steps, "denoising") as bar:
-        img = pipe([request], settings, on_step=lambda i, n: bar.update(1))[0]
+        result = pipe([request], settings, on_step=lambda i, n: bar.update(1), validate=False)
     t2 = time.perf_counter()
+    if result.errors[0] is not None:
+        raise EliteError(f"{result.errors[0]}; {output} not written")
+    img = result.images[0]
     meta = {"prompt": prompt, "seed": seed, "mode": mode, "words": words, "lambda": lam,
             "placeholder": placeholder, "dtype": dtype, "backend": "torch", **settings.to_dict()}
     save_png(output, img, meta)
@@ -88,9 +94,9 @@ def generate(sd, image_encoder, global_mapper, local_mapper, image, mask, prompt
 def _add_subcommands() -> None:
     """Commands defined in their own modules (kept short); they do not import this one."""
     from elite_export.bench.cli import bench, bench_ort
-    from elite_export.cli_bundle import build, check
+    from elite_export.cli_bundle import activations, build, check
 
-    for command in (build, check, bench, bench_ort):
+    for command in (build, check, activations, bench, bench_ort):
         main.add_command(command)
 
 

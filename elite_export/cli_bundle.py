@@ -23,8 +23,10 @@ def parse_csv(value: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...
 def toy_checkpoints(bundle: str, seed: int):
     """The tiny model for --toy, written beside the bundle's files (kept: --backend torch reads it)."""
     from elite_export.checkpoints import CheckpointPaths
+    from elite_export.runtime.noise import check_seed
     from elite_export.toy import make_toy
 
+    check_seed(seed)
     root = os.path.join(bundle, f"toy-source-{seed}")
     if not os.path.isfile(os.path.join(root, "local_mapper.pt")):
         make_toy(root, seed)
@@ -145,4 +147,38 @@ def check(bundle, precision, image, mask, prompt, calib, all_cases) -> None:
     click.echo(f"{len(rows) - len(failed)}/{len(rows)} comparisons within tolerance over {len(cases)} cases"
                + ("" if all_cases else " (worst case per graph and output shown)"))
     if failed:
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="Graphs to run (fp32: what an fp16 build would face).")
+@click.option("--steps", type=click.IntRange(1, 100), default=4, show_default=True, help="Steps per generation.")
+@click.option("--top", type=click.IntRange(1, 50), default=1, show_default=True,
+              help="Largest tensors listed per graph.")
+@click.option("--threads", type=click.IntRange(0), default=0, help="onnxruntime intra-op threads (0 = its choice).")
+def activations(bundle, precision, steps, top, threads) -> None:
+    """The largest |x| of every tensor per graph, generating at the profile's edges on the calibration set.
+
+    Smallest and largest size x batch 1 and max, lambda 0 and 1, guidance 1 and 20 (ONNX Runtime, CPU;
+    each tensor in its own dtype, so an fp16 overflow shows as inf). Exit 1 if any stage gives NaN/inf
+    or a tensor reaches fp16's 65504."""
+    from elite_export.activations import FP16_MAX, HEADERS, sweep
+    from elite_export.runtime.bundle import Bundle
+
+    b = Bundle.open(bundle)
+    with progress(5, "generating") as bar:
+        result = sweep(b, precision, steps, threads, on_run=lambda label: (bar.set_postfix_str(label), bar.update()))
+    click.echo(format_table(HEADERS, [g.cells() for g in result.graphs]))
+    if top > 1:
+        rows = [[g.graph, p.max_abs, p.name, p.op, p.dtype, p.run] for g in result.graphs
+                for p in sorted(g.peaks, key=lambda p: -p.max_abs)[:top]]
+        click.echo(format_table(["graph", "max |x|", "tensor", "op", "dtype", "reached in"], rows))
+    click.echo(f"runs: calibration set (every concept and prompt), {', '.join(result.runs)}; {steps} LMS steps; "
+               f"fp16 max {FP16_MAX:g}")
+    for line in result.errors:
+        click.echo(f"error: {line}", err=True)
+    if not result.ok:
+        click.echo("FAIL: a stage gave NaN/inf or a tensor reached fp16's limit", err=True)
         sys.exit(1)

@@ -18,7 +18,7 @@ from elite_export.errors import EliteError
 from elite_export.mappers import clip_features
 from elite_export.runtime.preprocess import ConceptInputs
 from elite_export.runtime.prompt import PromptTokenizer
-from elite_export.runtime.requests import GenerationSettings, Request
+from elite_export.runtime.requests import GenerationResult, GenerationSettings, Request, validate_requests
 from elite_export.runtime.timing import StageTimer
 from elite_export.schedulers import make_diffusers_scheduler
 
@@ -28,6 +28,11 @@ VAE_SCALE = 0.18215
 def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The authors' draw: torch.randn on the CPU, fp32, from a generator seeded with `seed`."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def finite(x: torch.Tensor) -> np.ndarray:
+    """[B,...] -> bool [B]: which rows hold no NaN or inf."""
+    return torch.isfinite(x).flatten(1).all(1).cpu().numpy()
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -97,8 +102,10 @@ class ElitePipeline:
             return self.models.vae.decode(latents / VAE_SCALE).sample
 
     @torch.no_grad()
-    def conditioning(self, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> text [B,77,D] (cond), local [B,256,D], placeholder index [B], lambda [B]."""
+    def conditioning(self, requests: list[Request], result: GenerationResult | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> text [B,77,D] (cond), local [B,256,D], placeholder index [B], lambda [B]; rows whose
+        words, local tokens or text come out NaN/inf are marked failed in `result`."""
         if any(r.mode == "local" for r in requests) and self.models.local_mapper is None:
             raise EliteError("local mode needs --local-mapper; give it or use --mode global")
         if not all(isinstance(r.concept, ConceptInputs) for r in requests):
@@ -116,19 +123,25 @@ class ElitePipeline:
         for (lo, hi), rows in rows_by_slice.items():  # one text-encoder call per number of words K
             with self.timer.stage("text_encoder"):
                 text[rows] = self.encode_text([requests[i].prompt for i in rows], words[rows, lo:hi])
+        if result is not None:
+            result.fail(finite(words) & finite(local), "concept encoder: NaN/inf in the words or local tokens")
+            result.fail(finite(text), "text encoder: NaN/inf in the text embeddings")
         index = torch.tensor([self.tokenizer.placeholder_index(r.prompt) for r in requests], device=self.device)
         lam = torch.tensor([r.local_weight for r in requests], device=self.device)
         return text, local, index, lam
 
     @torch.no_grad()
     def __call__(self, requests: list[Request], settings: GenerationSettings,
-                 on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """-> uint8 images [B,H,W,3]."""
-        settings.check_size(multiple=64)
+                 on_step: Callable[[int, int], None] | None = None, validate: bool = True) -> GenerationResult:
+        """-> an image per request, and per request None or why it failed (the runtime's contract)."""
+        if validate:
+            settings.validate()
+            validate_requests(requests)
         B = len(requests)
         t_start = time.perf_counter()
         h, w = settings.height // self.vae_factor, settings.width // self.vae_factor
-        text, local, index, lam = self.conditioning(requests)
+        result = GenerationResult(np.zeros((B, settings.height, settings.width, 3), np.uint8), [None] * B)
+        text, local, index, lam = self.conditioning(requests, result)
         uncond = self.encode_text([""], None).expand(B, -1, -1)
         text2, local2 = torch.cat([uncond, text]), torch.cat([local, local])
         index2, lam2 = torch.cat([index, index]), torch.cat([torch.zeros_like(lam), lam])
@@ -138,12 +151,23 @@ class ElitePipeline:
         noise = torch.cat([initial_noise(r.seed, (1, in_ch, h, w)) for r in requests])
         latents = (noise * scheduler.init_noise_sigma).to(self.device, self.dtype)
         for i, t in enumerate(scheduler.timesteps):
+            if result.all_failed:
+                break
             x = scheduler.scale_model_input(latents, t)
             eps_u, eps_c = self.predict_noise(x, t, text2, local2, index2, lam2)
             eps = eps_u + settings.guidance * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents).prev_sample
+            ok = finite(latents)
+            if not ok.all():
+                where = f"step {i + 1} of {settings.steps}"
+                result.fail(finite(eps_u) & finite(eps_c), f"UNet, {where}: NaN/inf in the noise prediction")
+                result.fail(ok, f"scheduler, {where}: NaN/inf in the latents")
             if on_step is not None:
                 on_step(i + 1, settings.steps)
-        images = to_uint8(self.decode(latents))
+        if not result.all_failed:
+            decoded = self.decode(latents)
+            result.fail(finite(decoded), "VAE decoder: NaN/inf in the image")
+            good = [i for i, e in enumerate(result.errors) if e is None]
+            result.images[good] = to_uint8(decoded[good])
         self.timer.add("total", time.perf_counter() - t_start)
-        return images
+        return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import click
 
@@ -102,23 +103,32 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
 
     gen = Generator(bundle, backend, device, threads, load=False)  # graphs load once the inputs are checked
     settings = settings_from(scheduler, steps, guidance, height, width)
+    settings.validate(gen.bundle.model, gen.bundle.ranges)
     requests = [Request(c, p, seed + i, mode, words, lam)
                 for i, (c, p) in enumerate(pair(load_concepts(gen, image, mask, concept_files),
                                                  read_prompts(prompts, prompts_file)))]
-    written = []
+    written, failed = [], []
     with progress(steps * len(requests), "denoising", enabled=not quiet) as bar:
         for results in gen.chunks(requests, settings, batch_size, on_step=lambda i, n, rows: bar.update(rows)):
             for r in results:
-                path = os.path.join(output, f"{len(written):03d}-{slug(r.meta['prompt'])}-s{r.meta['seed']}.png")
+                k, seed, prompt = len(written) + len(failed), r.meta["seed"], r.meta["prompt"]
+                if r.error is not None:  # nothing written for it; the other rows are unaffected
+                    failed.append(f"request {k} (seed {seed}, {prompt!r}): {r.error}; not written")
+                    continue
+                path = os.path.join(output, f"{k:03d}-{slug(prompt)}-s{seed}.png")
                 save_png(path, r.image, r.meta)
                 written.append(path)
     timer = gen.take_timer()
     if as_json:
-        click.echo(json.dumps({"backend": backend, "files": written, **settings.to_dict(),
+        click.echo(json.dumps({"backend": backend, "files": written, "failed": failed, **settings.to_dict(),
                                **timer.to_dict(len(written))}, indent=1))
     else:
         click.echo(format_table(STAGE_HEADERS, timer.rows(len(written))))
         click.echo(f"wrote {len(written)} image(s) to {output}/")
+    for line in failed:
+        click.echo(f"error: {line}", err=True)
+    if failed:
+        sys.exit(1)
 
 
 @main.command()

@@ -11,6 +11,7 @@
     results[0].image   # uint8 [512,512,3]
     results[0].meta    # every setting that made it: the PNG's `elite` chunk
     results[0].png()   # the PNG's bytes, exactly what elite-run writes
+    results[0].error   # None, or why this row failed (a stage gave it NaN/inf; its batch mates are unaffected)
 
 One call shares one GenerationSettings (what one UNet call shares: size, steps, scheduler, guidance);
 each Request has its own concept (image inputs or an EncodedConcept), prompt, seed, mode, words and
@@ -20,7 +21,6 @@ Generator from one thread at a time (the service runs it on one worker thread pe
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -31,18 +31,20 @@ from elite_export.runtime.bundle import Bundle
 from elite_export.runtime.images import png_bytes
 from elite_export.runtime.preprocess import ConceptInputs, Source, concept_inputs, load_concept
 from elite_export.runtime.prompt import PromptTokenizer
-from elite_export.runtime.requests import EncodedConcept, GenerationSettings, Request, words_slice
-from elite_export.runtime.schedulers import scheduler_spec
+from elite_export.runtime.requests import EncodedConcept, GenerationSettings, Request, validate_requests
 from elite_export.runtime.timing import StageTimer
 
 
 @dataclass
 class Result:
-    """One generated image and the settings that made it."""
-    image: np.ndarray  # uint8 [H,W,3]
+    """One generated image and the settings that made it, or why it failed."""
+    image: np.ndarray  # uint8 [H,W,3] (zeros when failed: never write it)
     meta: dict  # the `elite` PNG chunk: request, settings, backend, bundle id, concept
+    error: str | None = None  # one line naming the stage (and step) that gave this row NaN/inf
 
     def png(self) -> bytes:
+        if self.error is not None:
+            raise ValueError(f"no image to encode: {self.error}")
         return png_bytes(self.image, self.meta)
 
 
@@ -110,20 +112,17 @@ class Generator:
 
     # -- generation -------------------------------------------------------------------------------
     def validate(self, requests: list[Request], settings: GenerationSettings) -> None:
-        """Every user error a pipeline call would raise, raised before any graph runs (EliteError)."""
-        m, r, manifest = self.bundle.model, self.bundle.ranges, self.bundle.manifest
-        settings.check_size(m.size_multiple, r.size[0], r.size[2])
-        if manifest.get("static") and (settings.height, settings.width) != (r.size[1], r.size[1]):
-            raise EliteError(f"this bundle has static shapes: {r.size[1]}x{r.size[1]} px only")
-        scheduler_spec(settings.scheduler)
-        if not math.isfinite(settings.guidance):
-            raise EliteError(f"--guidance must be a finite number, got {settings.guidance}")
-        for q in requests:
-            words_slice(q.mode, q.words)
-            if not math.isfinite(q.lam):
-                raise EliteError(f"--lambda must be a finite number, got {q.lam}")
-            self.tokenizer.placeholder_index(q.prompt)
-        if any(q.mode == "local" for q in requests) and not manifest["has_local_mapper"]:
+        """Every user error a pipeline call would raise, raised before any graph runs (EliteError): the
+        runtime's own checks (GenerationSettings.validate, Request.validate), the placeholder in each
+        prompt, and local mode against this bundle."""
+        settings.validate(self.bundle.model, self.bundle.ranges)
+        validate_requests(requests)
+        for i, q in enumerate(requests):
+            try:
+                self.tokenizer.placeholder_index(q.prompt)
+            except EliteError as e:
+                raise EliteError(f"request {i}: {e}" if len(requests) > 1 else str(e)) from None
+        if any(q.mode == "local" for q in requests) and not self.bundle.manifest["has_local_mapper"]:
             raise EliteError("local mode needs a bundle built with --local-mapper; use --mode global")
 
     def meta(self, request: Request, settings: GenerationSettings) -> dict:
@@ -144,14 +143,16 @@ class Generator:
             step = None if on_step is None else (lambda i, n, k=len(chunk): on_step(i, n, k))
             pipeline = self.pipeline  # loads the graphs on first use
             try:
-                images = pipeline(chunk, settings, on_step=step)
+                out = pipeline(chunk, settings, on_step=step, validate=False)  # validated above
             finally:  # an on_step that raises (the service dropping a call nobody waits for) still counts
                 self._collect_timer()
-            yield [Result(img, self.meta(req, settings)) for req, img in zip(chunk, images)]
+            yield [Result(img, self.meta(req, settings), err)
+                   for req, img, err in zip(chunk, out.images, out.errors)]
 
     def generate(self, requests: list[Request], settings: GenerationSettings, batch_size: int | None = None,
                  on_step: Callable[[int, int, int], None] | None = None) -> list[Result]:
-        """One Result per request, in order (batch_size: requests per call, default the bundle's max)."""
+        """One Result per request, in order (batch_size: requests per call, default the bundle's max). A
+        row that went NaN/inf has .error set and no image; the others are unaffected."""
         return [r for chunk in self.chunks(requests, settings, batch_size, on_step) for r in chunk]
 
     def take_timer(self) -> StageTimer:
@@ -175,7 +176,7 @@ class Generator:
         mask[16:48, 16:48] = True
         concept = self.encode_inputs(concept_inputs(image, mask, "warm-up"))
         mode = "local" if self.bundle.manifest["has_local_mapper"] else "global"
-        request = Request(concept, f"a photo of a {self.placeholder}", 0, mode=mode)
+        request = Request(concept, f"a {self.placeholder}", 0, mode=mode)
         self.pipeline([request], GenerationSettings(steps=1, height=size, width=size))
         self._collect_timer()
         self.take_timer()

@@ -17,18 +17,28 @@ How torch 2.x draws it (aten/src/ATen/native/cpu/DistributionTemplates.h, CPUGen
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import numpy as np
 
+from elite_export.errors import EliteError
 from elite_export.runtime.float32 import fma
 
 F32 = np.float32
+# What torch.manual_seed takes (a 64-bit integer, signed or unsigned; -1 and 2**64 - 1 are one seed).
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1
 MT_STATE_SIZE = 624
 LOG_POLY = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
             -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)  # cephes logf
 SIN_POLY = (-1.9515295891e-4, 8.3321608736e-3, -1.6666654611e-1)  # cephes sinf
 COS_POLY = (2.443315711809948e-5, -1.388731625493765e-3, 4.166664568298827e-2)  # cephes cosf
+
+
+def check_seed(seed: int) -> None:
+    """Refuse what torch.manual_seed refuses: anything but an integer in SEED_MIN..SEED_MAX."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not SEED_MIN <= seed <= SEED_MAX:
+        raise EliteError(f"seed must be an integer in -2**63..2**64-1 (what torch.manual_seed takes), got {seed!r}")
 
 
 def mt19937_words(seed: int, count: int) -> np.ndarray:
@@ -107,6 +117,7 @@ def _randn_small(n: int, seed: int) -> np.ndarray:
 
 def randn(shape: Sequence[int], seed: int) -> np.ndarray:
     """float32 [*shape] standard normals, torch.randn(shape, generator=Generator().manual_seed(seed))."""
+    check_seed(seed)
     shape = tuple(shape)
     n = math.prod(shape)
     if n < 16:

@@ -17,7 +17,8 @@ from elite_export.runtime.bundle import Bundle
 from elite_export.runtime.noise import randn
 from elite_export.runtime.preprocess import ConceptInputs
 from elite_export.runtime.prompt import PromptTokenizer
-from elite_export.runtime.requests import EncodedConcept, GenerationSettings, Request
+from elite_export.runtime.requests import (EncodedConcept, GenerationResult, GenerationSettings, Request,
+                                           finite_rows, validate_requests)
 from elite_export.runtime.schedulers import make_scheduler
 from elite_export.runtime.timing import StageTimer
 from elite_export.specs import GRAPH_NAMES
@@ -25,6 +26,8 @@ from elite_export.specs import GRAPH_NAMES
 
 def open_runners(bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu",
                  threads: int = 0) -> dict[str, GraphRunner]:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise EliteError(f"threads must be 0 (onnxruntime's choice) or a positive integer, got {threads!r}")
     if backend == "onnxruntime":
         for name in GRAPH_NAMES:
             problems = bundle.verify((name,), "fp32", full=False)  # sizes: `elite-export check` hashes
@@ -107,20 +110,26 @@ class RuntimePipeline:
         return text
 
     def __call__(self, requests: list[Request], settings: GenerationSettings,
-                 on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """-> uint8 images [n,H,W,3]. Rows are independent: each gets what it would get alone."""
+                 on_step: Callable[[int, int], None] | None = None, validate: bool = True) -> GenerationResult:
+        """-> an image per request, and per request None or why it failed (a stage gave it NaN/inf).
+
+        Rows are independent: each gets what it would get alone, a failed row included. validate=False
+        skips GenerationSettings/Request.validate, for callers that ran them already (the service)."""
         m, r = self.model, self.ranges
-        settings.check_size(m.size_multiple, r.size[0], r.size[2])
-        if self.bundle.manifest.get("static") and (settings.height, settings.width) != (r.size[1], r.size[1]):
-            raise EliteError(f"this bundle has static shapes: {r.size[1]}x{r.size[1]} px only")
+        if validate:
+            settings.validate(m, r)
+            validate_requests(requests)
         if any(q.mode == "local" for q in requests) and not self.bundle.manifest["has_local_mapper"]:
             raise EliteError("local mode needs a bundle built with --local-mapper; use --mode global")
         n = len(requests)
         b = self.batch_size(n)
         t_start = time.perf_counter()
         index = [self.tokenizer.placeholder_index(q.prompt) for q in requests]  # user errors before any graph
+        result = GenerationResult(np.zeros((n, settings.height, settings.width, 3), np.uint8), [None] * n)
         words, local = self.encode_concepts([q.concept for q in requests])
+        result.fail(finite_rows(words) & finite_rows(local), "concept encoder: NaN/inf in the words or local tokens")
         text = self.encode_text(requests, words)
+        result.fail(finite_rows(text), "text encoder: NaN/inf in the text embeddings")
         pad = list(range(n)) + [n - 1] * (b - n)
         idx = np.array([index[i] for i in pad], np.int64)
         lam = np.array([requests[i].local_weight for i in pad], np.float32)
@@ -138,6 +147,8 @@ class RuntimePipeline:
         guidance = np.float32(settings.guidance)
         guided = np.empty_like(latents)  # eps_u + g (eps_c - eps_u), mixed in place (schedulers keep no eps)
         for i, t in enumerate(scheduler.timesteps):
+            if result.all_failed:
+                break
             t0 = time.perf_counter()
             x = scheduler.scale_model_input(latents, i)
             feed["latents"][:b], feed["latents"][b:] = x, x
@@ -147,11 +158,20 @@ class RuntimePipeline:
             guided *= guidance
             guided += eps[:b]
             latents = scheduler.step(guided, i, latents)
+            ok = finite_rows(latents[:n])  # ~4 us a step at SD's 256 px: the cost of never shipping NaN
+            if not ok.all():
+                unet_ok = finite_rows(eps[:n]) & finite_rows(eps[b:b + n])
+                where = f"step {i + 1} of {settings.steps}"
+                result.fail(unet_ok, f"UNet, {where}: NaN/inf in the noise prediction")
+                result.fail(ok, f"scheduler, {where}: NaN/inf in the latents")
             self.timer.add("step", time.perf_counter() - t0)
             if on_step is not None:
                 on_step(i + 1, settings.steps)
-        out = self.run("vae_decoder", {"latents": latents}, self.bundle.spec("vae_decoder").dims(b, settings.height,
-                                                                                              settings.width))
-        images = to_uint8(out["image"][:n])
+        if not result.all_failed:
+            out = self.run("vae_decoder", {"latents": latents},
+                           self.bundle.spec("vae_decoder").dims(b, settings.height, settings.width))["image"][:n]
+            result.fail(finite_rows(out), "VAE decoder: NaN/inf in the image")
+            good = [i for i, e in enumerate(result.errors) if e is None]
+            result.images[good] = to_uint8(out[good])
         self.timer.add("total", time.perf_counter() - t_start)
-        return images
+        return result

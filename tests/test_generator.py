@@ -54,6 +54,7 @@ def test_generate_is_what_elite_run_writes_and_encode_round_trips(toy_bundle, tm
     settings = GenerationSettings(steps=4, height=256, width=320)
     results = gen.generate([Request(concept, "a S on the beach", 7), Request(concept, "a photo of a S", 8)], settings)
     for f, r in zip(files, results):
+        assert r.error is None
         np.testing.assert_array_equal(np.asarray(Image.open(f)), r.image)
         cli_meta, png_meta = read_png_meta(str(f)), read_png_meta(io.BytesIO(r.png()))
         assert png_meta == r.meta == cli_meta
@@ -63,11 +64,11 @@ def test_generate_is_what_elite_run_writes_and_encode_round_trips(toy_bundle, tm
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda q, s: setattr(q, "lam", float("nan")), "--lambda must be a finite number"),
-    (lambda q, s: setattr(s, "guidance", float("inf")), "--guidance must be a finite number"),
+    (lambda q, s: setattr(q, "lam", float("nan")), "lambda must be a finite number in 0..1, got nan"),
+    (lambda q, s: setattr(s, "guidance", float("inf")), "guidance must be a finite number in 1..20, got inf"),
     (lambda q, s: setattr(q, "prompt", "a dog"), "no placeholder 'S'"),
-    (lambda q, s: setattr(q, "words", "7") or setattr(q, "mode", "global"), "--words must be"),
-    (lambda q, s: setattr(s, "height", 1024), "outside this bundle's range 256..512"),
+    (lambda q, s: setattr(q, "words", "7") or setattr(q, "mode", "global"), "words must be 'all' or a word index"),
+    (lambda q, s: setattr(s, "height", 1024), "height 1024 is outside this bundle's range 256..512"),
     (lambda q, s: setattr(s, "scheduler", "heun"), "unknown scheduler 'heun'"),
 ])
 def test_validate_refuses_before_any_graph_loads(toy_bundle, concept, change, message):

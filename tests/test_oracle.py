@@ -111,7 +111,7 @@ def test_runtime_reproduces_both_images(case, tmp_path):
     bundle = Bundle.open(str(tmp_path))
     pipe = RuntimePipeline(bundle, open_runners(bundle))
     concept = load_concept(*image_paths(c))
-    local = pipe([Request(concept, c["text"], c["seed"], "local")], GenerationSettings(steps=10))[0]
+    local = pipe([Request(concept, c["text"], c["seed"], "local")], GenerationSettings(steps=10)).images[0]
     assert np.abs(local.astype(int) - e["case0_image_local_10"]).max() <= 1
-    full = pipe([Request(concept, c["text"], c["seed"], "global", "all")], GenerationSettings(steps=100))[0]
+    full = pipe([Request(concept, c["text"], c["seed"], "global", "all")], GenerationSettings(steps=100)).images[0]
     assert np.abs(full.astype(int) - e["case0_image_global_full"]).max() <= 1

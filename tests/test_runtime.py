@@ -54,9 +54,11 @@ def test_a_batch_gives_each_request_its_single_request_image(toy_bundle):
     requests = [Request(a, "a S in the style of Van Gogh", 1), Request(b, "a photo of a S", 2, mode="global"),
                 Request(a, "a S on the beach", 3, mode="global", words="3", lam=0.6)]
     settings = GenerationSettings(steps=6, height=256, width=256)
-    batch = pipe(requests, settings)
+    result = pipe(requests, settings)
+    assert result.errors == [None] * 3
+    batch = result.images
     for i, r in enumerate(requests):
-        np.testing.assert_array_equal(batch[i], pipe([r], settings)[0], err_msg=f"request {i}")
+        np.testing.assert_array_equal(batch[i], pipe([r], settings).images[0], err_msg=f"request {i}")
     assert np.abs(batch[0].astype(int) - batch[2]).max() > 10  # the rows really differ
 
 
@@ -99,7 +101,7 @@ def test_concept_files_skip_the_vision_encoder_and_refuse_other_bundles(toy_bund
     (["--batch-size", "4"], "outside this bundle's 1..3"),
     (["--prompt", "a dog"], "no placeholder 'S'"),
     (["--mask", concept_files(4)[1]], "but the image is"),
-    (["--steps", "0"], "at least 1"),
+    (["--steps", "0"], "steps must be an integer in 1..500, got 0"),
 ])
 def test_user_errors_are_one_line(toy_bundle, tmp_path, extra, message):
     args = {"--bundle": str(toy_bundle), "--image": IMAGE, "--mask": MASK, "--prompt": "a S", "--height": "256",

@@ -1,6 +1,10 @@
 """`elite-run serve` end to end: the real CLI starts Ray Serve on a free loopback port with the toy
 bundle; clients talk HTTP to 127.0.0.1 only, every loop bounded in count and time.
 
+The bundle's UNet gives NaN on rows whose placeholder is token 5 ("a photo of a S"; test_nonfinite's
+poison_unet, x * 1 on every other row): the service's per-row failure is tested alongside, and the CLI
+references run on the same bundle.
+
 One service for the module (its tests share one xdist worker: --dist loadgroup); the test that kills
 the replica runs last."""
 from __future__ import annotations
@@ -11,6 +15,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,8 +36,9 @@ httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.xdist_group("serve")
 
 IMAGE, MASK = concept_files(7)
-MAX_QUEUE, STEPS, START_S = 6, 6, 300
-P1, P2, Q, R = "a S in the style of Van Gogh", "a S on the beach", "a photo of a S in the jungle", "a S"
+MAX_QUEUE, STEPS, START_S = 10, 6, 300
+P1, P2, Q, R = "a S in the style of Van Gogh", "a S on the beach", "a S in the jungle", "a S"
+POISONED = "a photo of a S"  # placeholder at token 5: NaN in this bundle's UNet
 
 
 @dataclass
@@ -58,11 +64,21 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def service(toy_bundle, tmp_path_factory):
+def serve_bundle(toy_bundle, tmp_path_factory):
+    from test_nonfinite import poison_unet
+
+    bundle = tmp_path_factory.mktemp("serve-bundle") / "bundle"
+    shutil.copytree(toy_bundle, bundle)
+    poison_unet(bundle, 5)
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def service(serve_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve")
     log = out / "serve.log"
     cmd = [sys.executable, "-c", "from elite_export.runtime.cli import main; main()", "serve", "--bundle",
-           str(toy_bundle), "--port", "0", "--batch-wait-ms", "300", "--max-queue", str(MAX_QUEUE), "--timeout-s", "120"]
+           str(serve_bundle), "--port", "0", "--batch-wait-ms", "300", "--max-queue", str(MAX_QUEUE), "--timeout-s", "120"]
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=out, start_new_session=True)
     try:
@@ -114,7 +130,7 @@ def metric(text: str, name: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(rf"^{name}\{{(.*?)\}} (\S+)$", text, re.M)}
 
 
-def test_health_ready_and_the_openapi_page(service, toy_bundle):
+def test_health_ready_and_the_openapi_page(service, serve_bundle):
     from elite_export.runtime.bundle import Bundle
 
     async def go():
@@ -123,18 +139,18 @@ def test_health_ready_and_the_openapi_page(service, toy_bundle):
     health, ready, openapi, docs = asyncio.run(go())
     assert health.status_code == ready.status_code == openapi.status_code == docs.status_code == 200
     info = ready.json()
-    assert info["ready"] and info["bundle_id"] == Bundle.open(str(toy_bundle)).id and info["max_batch"] == 3
+    assert info["ready"] and info["bundle_id"] == Bundle.open(str(serve_bundle)).id and info["max_batch"] == 3
     paths = openapi.json()["paths"]
     body = paths["/v1/generate"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(body) and "prompt" in body["application/json"]["schema"][
         "properties"] and "/v1/encode" in paths and "swagger" in docs.text.lower()
 
 
-def test_concurrent_clients_get_the_cli_images(service, concept_id, toy_bundle, tmp_path):
-    run1 = cli_images(toy_bundle, tmp_path, "run1", [P1, P1, P2], "--seed", "10", "--width", "256")
-    run2 = cli_images(toy_bundle, tmp_path, "run2", [Q], "--seed", "20", "--width", "256", "--mode", "global",
+def test_concurrent_clients_get_the_cli_images_and_a_nan_row_fails_alone(service, concept_id, serve_bundle, tmp_path):
+    run1 = cli_images(serve_bundle, tmp_path, "run1", [P1, P1, P2], "--seed", "10", "--width", "256")
+    run2 = cli_images(serve_bundle, tmp_path, "run2", [Q], "--seed", "20", "--width", "256", "--mode", "global",
                       "--words", "3", "--lambda", "0.6")
-    run3 = cli_images(toy_bundle, tmp_path, "run3", [R], "--seed", "30", "--width", "320")
+    run3 = cli_images(serve_bundle, tmp_path, "run3", [R], "--seed", "30", "--width", "320")
     base = {"concept_id": concept_id, "steps": STEPS, "height": 256, "width": 256}
     jobs = [  # (body or (form, files), the CLI images it must equal)
         ({**base, "prompt": P1, "n": 2, "seed": 10}, run1[:2]),
@@ -145,6 +161,7 @@ def test_concurrent_clients_get_the_cli_images(service, concept_id, toy_bundle, 
           {"image": ("7.jpg", open(IMAGE, "rb").read()), "mask": ("7_bg.png", open(MASK, "rb").read())}), run2),
         ({**base, "prompt": R, "seed": 30, "width": 320}, run3),
         ({**base, "prompt": P2, "seed": 12, "format": "json"}, run1[2:]),
+        ({**base, "prompt": POISONED, "seed": 40}, None),  # batched with the others: fails alone
     ]
 
     async def go():
@@ -154,6 +171,10 @@ def test_concurrent_clients_get_the_cli_images(service, concept_id, toy_bundle, 
             return await asyncio.gather(*calls), (await c.get("/metrics")).text
     responses, metrics = asyncio.run(go())
     for (body, expected), r in zip(jobs, responses):
+        if expected is None:
+            assert r.status_code == 500 and r.json()["error"] == (
+                f"image 0 (seed 40, {POISONED!r}): UNet, step 1 of {STEPS}: NaN/inf in the noise prediction"), r.text
+            continue
         assert r.status_code == 200, r.text
         if r.headers["content-type"] == "image/png":
             got = [png_image(r.content)]
@@ -169,7 +190,7 @@ def test_concurrent_clients_get_the_cli_images(service, concept_id, toy_bundle, 
     one = next(v for k, v in sizes.items() if 'le="1.0"' in k)
     total = next(v for k, v in sizes.items() if 'le="+Inf"' in k)
     assert total > one, f"no batch of more than one image: {sizes}"
-    assert max(int(b) for r in responses for b in r.headers["x-elite-batch"].split(",")) > 1
+    assert max(int(b) for r in responses if r.status_code == 200 for b in r.headers["x-elite-batch"].split(",")) > 1
 
 
 def bad_requests(cid: str) -> list[tuple[str, dict, int, str]]:
@@ -196,12 +217,15 @@ def bad_requests(cid: str) -> list[tuple[str, dict, int, str]]:
         ("placeholder past 76 tokens", {"json": {**ok, "prompt": "a " * 90 + "S"}}, 400, "past the 76"),
         ("size outside the bundle", {"json": {**ok, "height": 1024}}, 400, "outside this bundle's range 256..512"),
         ("size not a multiple of 64", {"json": {**ok, "width": 300}}, 400, "multiple of 64"),
-        ("steps 0", {"json": {**ok, "steps": 0}}, 422, "steps: Input should be greater than or equal to 1"),
-        ("absurd steps", {"json": {**ok, "steps": 100000}}, 422, "less than or equal to 1000"),
+        ("steps 0", {"json": {**ok, "steps": 0}}, 400, "steps must be an integer in 1..500, got 0"),
+        ("absurd steps", {"json": {**ok, "steps": 100000}}, 400, "steps must be an integer in 1..500, got 100000"),
         ("steps not a number", {"json": {**ok, "steps": "many"}}, 422, "steps: Input should be a valid integer"),
-        ("lambda NaN", raw(json.dumps({**ok, "lambda": float("nan")})), 422, "lambda: Input should be a finite"),
-        ("guidance Infinity", raw(json.dumps({**ok, "guidance": float("inf")})), 422, "guidance: Input should be a fin"),
-        ("absurd guidance", {"json": {**ok, "guidance": 1e9}}, 422, "guidance: Input should be less than or equal"),
+        ("lambda NaN", raw(json.dumps({**ok, "lambda": float("nan")})), 400,
+         "lambda must be a finite number in 0..1, got nan"),
+        ("guidance Infinity", raw(json.dumps({**ok, "guidance": float("inf")})), 400,
+         "guidance must be a finite number in 1..20, got inf"),
+        ("absurd guidance", {"json": {**ok, "guidance": 1e9}}, 400, "guidance must be a finite number in 1..20"),
+        ("lambda out of range", {"json": {**ok, "lambda": 3}}, 400, "lambda must be a finite number in 0..1, got 3"),
         ("unknown field", {"json": {**ok, "colour": "red"}}, 422, "unknown field 'colour'"),
         ("mode", {"json": {**ok, "mode": "both"}}, 422, "mode: Input should be 'local' or 'global'"),
         ("words", {"json": {**ok, "mode": "global", "words": "9"}}, 422, "words: Input should be"),
@@ -212,7 +236,9 @@ def bad_requests(cid: str) -> list[tuple[str, dict, int, str]]:
         ("no prompt", {"json": {"concept_id": cid}}, 422, "prompt: Field required"),
         ("empty prompt", {"json": {**ok, "prompt": ""}}, 422, "prompt.0: String should have at least 1"),
         ("huge prompt", {"json": {**ok, "prompt": "S " * 1500}}, 422, "at most 2000 characters"),
-        ("negative seed", {"json": {**ok, "seed": -1}}, 422, "seed: Input should be greater than or equal to 0"),
+        ("seed past 2**64-1", {"json": {**ok, "seed": 2**64}}, 400, "seed must be an integer in -2**63..2**64-1"),
+        ("seed of the n-th image past it", {"json": {**ok, "seed": 2**64 - 1, "n": 2}}, 400,
+         "request 1: seed must be an integer"),
         ("n too large", {"json": {**ok, "n": 100}}, 422, "n: Input should be less than or equal to 16"),
         ("too many images", {"json": {**ok, "prompt": ["a S"] * 9, "n": 2}}, 422, "18 images in one request"),
         ("png of two images", {"json": {**ok, "n": 2, "format": "png"}}, 422, "format=png returns one image"),
@@ -297,7 +323,7 @@ def test_a_request_past_its_deadline_gets_504_and_frees_the_pipeline(service, co
     async def go():
         async with service.client() as c:
             t0 = time.monotonic()
-            r = await c.post("/v1/generate", json={"concept_id": concept_id, "prompt": "a S", "steps": 1000,
+            r = await c.post("/v1/generate", json={"concept_id": concept_id, "prompt": "a S", "steps": 500,
                                                    "height": 512, "width": 512, "timeout_s": 1})
             late = time.monotonic() - t0
             for _ in range(120):  # the abandoned call stops at its next step

@@ -100,7 +100,23 @@ def test_bad_prompt_mask_and_sizes(toy_dir, tmp_path):
     assert_user_error(run_generate(toy_dir, tmp_path, **{"--height": "100"}), "multiple of 64")
     if not torch.cuda.is_available():
         assert_user_error(run_generate(toy_dir, tmp_path, **{"--dtype": "fp16"}), "needs a CUDA device")
-    assert_user_error(run_generate(toy_dir, tmp_path, **{"--steps": "0"}), "at least 1")
+    assert_user_error(run_generate(toy_dir, tmp_path, **{"--steps": "0"}), "steps must be an integer in 1..500")
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lambda", "nan", "lambda must be a finite number in 0..1, got nan"),
+    ("--guidance", "inf", "guidance must be a finite number in 1..20, got inf"),
+    ("--seed", str(2**64), "seed must be an integer in -2**63..2**64-1"),
+    ("--steps", "501", "steps must be an integer in 1..500"),
+    ("--words", "3", None),  # with --mode local the word choice is unused, not an error
+])
+def test_numbers_out_of_range_are_refused_before_loading_anything(toy_dir, tmp_path, flag, value, message):
+    result = run_generate(toy_dir, tmp_path, **{flag: value, "--sd": str(tmp_path)})  # models never load
+    if message is None:  # got past validation: fails on the (deliberately) missing checkpoint instead
+        assert_user_error(result, "no unet/ subfolder")
+        return
+    assert_user_error(result, message)
+    assert not (tmp_path / "out.png").exists()
 
 
 def test_global_mode_without_local_mapper_works_and_local_mode_says_what_is_missing(toy_dir, tmp_path):

@@ -18,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from elite_export.runtime.requests import GenerationSettings, Request
+from elite_export.errors import EliteError
+from elite_export.runtime.requests import GenerationResult, GenerationSettings, Request
 from elite_export.specs import UnetSpec, VaeDecoderSpec
 
 STAGES = ("concept_encoder", "text_encoder", "unet_step", "vae_decoder", "generate")
@@ -53,6 +54,14 @@ class Way:
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+def generated(way: str, result: GenerationResult) -> GenerationResult:
+    """A generation's result, or EliteError if a row went NaN/inf (its timing would be a stopped run's)."""
+    bad = [e for e in result.errors if e is not None]
+    if bad:
+        raise EliteError(f"{way}: {bad[0]} ({len(bad)} of {len(result)} rows failed)")
+    return result
 
 
 def unet_sample(model, workload: Workload) -> dict[str, np.ndarray]:
@@ -116,7 +125,7 @@ class TorchWay(Way):
         return self.pipe.decode(self.vae_in)
 
     def generate(self):
-        return self.pipe(self.requests, self.workload.settings())
+        return generated(self.name, self.pipe(self.requests, self.workload.settings()))
 
 
 class RuntimeWay(Way):
@@ -148,7 +157,7 @@ class RuntimeWay(Way):
         return self.pipe.runners["vae_decoder"].run(self.vae_in, self.vae_dims)
 
     def generate(self):
-        return self.pipe(self.requests, self.workload.settings())
+        return generated(self.name, self.pipe(self.requests, self.workload.settings()))
 
     def bare_unet(self) -> Callable[[], object] | None:
         """The UNet session alone on inputs bound once (ONNX Runtime): the graph time without the runtime."""

@@ -201,6 +201,12 @@ class EliteService:
             if isinstance(d, BaseException):
                 raise d
         results = [d.result for d in done]
+        failed = [(k, r) for k, r in enumerate(results) if r.error is not None]
+        if failed:  # a stage gave these rows NaN/inf (their batch mates are unaffected): no image to send
+            k, r = failed[0]
+            more = f"; {len(failed)} of {len(results)} images failed" if len(failed) > 1 else ""
+            log.warning("non-finite rows: %s", [(i, x.error) for i, x in failed])
+            raise HttpError(500, f"image {k} (seed {r.meta['seed']}, {r.meta['prompt']!r}): {r.error}{more}")
         pngs = await asyncio.to_thread(self.r.pngs, results)
         headers = {"X-Elite-Concept-Id": concept.id,
                    "X-Elite-Pipeline-Ms": f"{1e3 * max(d.call_seconds for d in done):.1f}",

@@ -1,9 +1,10 @@
 """HTTP fields -> runtime requests, and every error -> a JSON body {"error": one line, "status": code}.
 
 A generate request is JSON (a concept id) or a multipart form (a concept id, or the image and mask
-uploaded inline). The fields are checked here for their HTTP shape (types, ranges, finite numbers,
-sizes); the runtime checks the rest (placeholder, sizes the bundle takes, ...) and its EliteError
-message becomes the 4xx body. `build_requests` is the one place HTTP fields become Requests.
+uploaded inline). The fields are checked here for their HTTP shape only (types, names, counts,
+lengths); every value is checked by the runtime (GenerationSettings.validate, Request.validate: the
+allowed ranges, finite numbers; the placeholder; the bundle's sizes) and its EliteError message
+becomes the 400 body. `build_requests` is the one place HTTP fields become Requests.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from typing import Annotated, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from elite_export.errors import EliteError
-from elite_export.runtime.requests import (DEFAULT_GUIDANCE, DEFAULT_LAMBDA, DEFAULT_STEPS, MODES, WORD_CHOICES,
-                                           GenerationSettings, Request)
+from elite_export.runtime.requests import (DEFAULT_GUIDANCE, DEFAULT_LAMBDA, DEFAULT_STEPS, GUIDANCE_RANGE,
+                                           LAMBDA_RANGE, MODES, STEPS_RANGE, WORD_CHOICES, GenerationSettings,
+                                           Request)
 from elite_export.runtime.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
-MAX_STEPS = 1000  # the training schedule's length: more steps than timesteps is not a schedule
 MAX_PROMPT_CHARS = 2000
 CONCEPT_ID = r"^[0-9a-f]{32}$"
 
@@ -84,13 +85,14 @@ class GenerateFields(BaseModel):
         None, description="From POST /v1/encode; or upload `image` and `mask` (multipart) instead.")
     mode: Literal.__getitem__(MODES) = "local"  # type: ignore[valid-type]
     words: Literal.__getitem__(WORD_CHOICES) = "all"  # type: ignore[valid-type]
-    lam: Finite = Field(DEFAULT_LAMBDA, alias="lambda", ge=-10, le=10, description="Local branch weight.")
+    lam: float = Field(DEFAULT_LAMBDA, alias="lambda",
+                       description=f"Local branch weight, {LAMBDA_RANGE[0]:g}..{LAMBDA_RANGE[1]:g}.")
     scheduler: Literal.__getitem__(SCHEDULER_NAMES) = DEFAULT_SCHEDULER  # type: ignore[valid-type]
-    steps: int = Field(DEFAULT_STEPS, ge=1, le=MAX_STEPS)
-    guidance: Finite = Field(DEFAULT_GUIDANCE, ge=0, le=100)
-    seed: int = Field(0, ge=0, le=2**63 - 1, description="Image k of the request gets seed + k (as elite-run).")
-    height: int = Field(512, ge=1, le=16384, description="Pixels, a multiple of 64 within the bundle's range.")
-    width: int = Field(512, ge=1, le=16384)
+    steps: int = Field(DEFAULT_STEPS, description=f"{STEPS_RANGE[0]}..{STEPS_RANGE[1]}.")
+    guidance: float = Field(DEFAULT_GUIDANCE, description=f"{GUIDANCE_RANGE[0]:g}..{GUIDANCE_RANGE[1]:g}.")
+    seed: int = Field(0, description="Image k of the request gets seed + k (as elite-run).")
+    height: int = Field(512, description="Pixels, a multiple of 64 within the bundle's range.")
+    width: int = Field(512, description="Pixels, a multiple of 64 within the bundle's range.")
     n: int = Field(1, ge=1, le=16, description="Images per prompt.")
     timeout_s: Optional[Finite] = Field(None, gt=0, description="This request's deadline (at most --timeout-s).")
     format: Optional[Literal["png", "json"]] = Field(
