@@ -5,7 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.elite-installed
 DEMO := demo_out
-PYTEST_ARGS ?= -n 2
+# loadgroup: the HTTP service's tests (xdist_group "serve") share one worker and one service.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: test demo typecheck venv
 
@@ -16,7 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch==2.13.0 is the CPU wheel on this machine's disk; a bare `torch` may pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[export,plugin,dev]'
+	# serve: Ray Serve + FastAPI for `elite-run serve` (none of it pulls torch; the runtime stays torch-free).
+	$(BIN)/python -m pip install -q -e '.[export,plugin,dev,serve]'
 	# --no-deps: clip-anytorch only for CLIP's BPE vocabulary file (the toy tokenizer); tensorrt-stubs
 	# only for type-checking the TensorRT layer (its dependency, TensorRT itself, is not installable here).
 	$(BIN)/python -m pip install -q --no-deps clip-anytorch==2.6.0 tensorrt-stubs==10.13.0.35.1

@@ -57,26 +57,13 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48] or "image"
 
 
-def open_pipeline(bundle, backend: str, device: str, threads: int, precision: str = "auto", cuda_graph: bool = False):
-    if backend == "torch":  # the PyTorch reference, from the bundle's recorded checkpoints
-        from elite_export.parity import reference_models
-        from elite_export.pipeline import ElitePipeline
-
-        return ElitePipeline(reference_models(bundle), placeholder=bundle.manifest["placeholder"])
-    from elite_export.runtime.pipeline import RuntimePipeline, open_runners
-
-    return RuntimePipeline(bundle, open_runners(bundle, backend, device, threads,
-                                                None if precision == "auto" else precision, cuda_graph))
-
-
-def load_concepts(bundle, images: tuple[str, ...], masks: tuple[str, ...], concept_files: tuple[str, ...]) -> list:
+def load_concepts(gen, images: tuple[str, ...], masks: tuple[str, ...], concept_files: tuple[str, ...]) -> list:
     from elite_export.runtime.concept import load_concept_file
-    from elite_export.runtime.preprocess import load_concept
 
     if len(images) != len(masks):
         raise EliteError(f"{len(images)} --image and {len(masks)} --mask: give one --mask per --image")
-    concepts = [load_concept(i, m) for i, m in zip(images, masks)]
-    concepts += [load_concept_file(c, bundle) for c in concept_files]
+    concepts = [gen.concept(i, m) for i, m in zip(images, masks)]
+    concepts += [load_concept_file(c, gen.bundle) for c in concept_files]
     if not concepts:
         raise EliteError("give a concept: --image X --mask M, or --concept FILE (from `elite-run encode`)")
     return concepts
@@ -118,39 +105,30 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
              seed, height, width, batch_size, backend, device, precision, cuda_graph, threads, output, as_json,
              quiet) -> None:
     """Generate images. Request i gets seed SEED + i; each PNG records every setting that made it."""
-    from elite_export.runtime.bundle import Bundle
+    from elite_export.runtime.generator import Generator
     from elite_export.runtime.images import save_png
-    from elite_export.runtime.requests import Request, validate_requests
-    from elite_export.runtime.timing import STAGE_HEADERS, StageTimer
+    from elite_export.runtime.requests import Request
+    from elite_export.runtime.timing import STAGE_HEADERS
 
-    b = Bundle.open(bundle)
+    # the graphs load once the inputs are checked
+    gen = Generator(bundle, backend, device, threads, load=False, precision=precision, cuda_graph=cuda_graph)
     settings = settings_from(scheduler, steps, guidance, height, width)
-    settings.validate(b.model, b.ranges)
+    settings.validate(gen.bundle.model, gen.bundle.ranges)
     requests = [Request(c, p, seed + i, mode, words, lam)
-                for i, (c, p) in enumerate(pair(load_concepts(b, image, mask, concept_files),
+                for i, (c, p) in enumerate(pair(load_concepts(gen, image, mask, concept_files),
                                                  read_prompts(prompts, prompts_file)))]
-    validate_requests(requests)
-    batch = batch_size or min(len(requests), b.ranges.batch[2])
-    if not 1 <= batch <= b.ranges.batch[2]:
-        raise EliteError(f"--batch-size {batch} is outside this bundle's 1..{b.ranges.batch[2]}")
-    pipe = open_pipeline(b, backend, device, threads, precision, cuda_graph)
-    timer = StageTimer()
     written, failed = [], []
     with progress(steps * len(requests), "denoising", enabled=not quiet) as bar:
-        for start in range(0, len(requests), batch):
-            chunk = requests[start:start + batch]
-            result = pipe(chunk, settings, on_step=lambda i, n, k=len(chunk): bar.update(k), validate=False)
-            for j, (req, img, err) in enumerate(zip(chunk, result.images, result.errors)):
-                if err is not None:  # nothing written for it; the other rows are unaffected
-                    failed.append(f"request {start + j} (seed {req.seed}, {req.prompt!r}): {err}; not written")
+        for results in gen.chunks(requests, settings, batch_size, on_step=lambda i, n, rows: bar.update(rows)):
+            for r in results:
+                k, seed, prompt = len(written) + len(failed), r.meta["seed"], r.meta["prompt"]
+                if r.error is not None:  # nothing written for it; the other rows are unaffected
+                    failed.append(f"request {k} (seed {seed}, {prompt!r}): {r.error}; not written")
                     continue
-                path = os.path.join(output, f"{start + j:03d}-{slug(req.prompt)}-s{req.seed}.png")
-                save_png(path, img, {**req.meta(), **settings.to_dict(), "backend": backend, "device": device,
-                                     "bundle_id": b.id,
-                                     "concept": getattr(req.concept, "source", "") or (image + concept_files)[0]})
+                path = os.path.join(output, f"{k:03d}-{slug(prompt)}-s{seed}.png")
+                save_png(path, r.image, r.meta)
                 written.append(path)
-            timer.merge(pipe.timer)
-            pipe.timer = StageTimer()
+    timer = gen.take_timer()
     if as_json:
         click.echo(json.dumps({"backend": backend, "files": written, "failed": failed, **settings.to_dict(),
                                **timer.to_dict(len(written))}, indent=1))
@@ -173,15 +151,48 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
 @precision_option
 def encode(bundle, image, mask, output, backend, device, precision) -> None:
     """Run the concept encoder once and store the words and local tokens (safetensors)."""
-    from elite_export.runtime.bundle import Bundle
     from elite_export.runtime.concept import save_concept
-    from elite_export.runtime.pipeline import RuntimePipeline, open_runners
-    from elite_export.runtime.preprocess import load_concept
-    from elite_export.runtime.requests import EncodedConcept
+    from elite_export.runtime.generator import Generator
 
-    b = Bundle.open(bundle)
-    inputs = load_concept(image, mask)
-    pipe = RuntimePipeline(b, open_runners(b, backend, device, precision=None if precision == "auto" else precision))
-    words, local = pipe.encode_concepts([inputs])
-    save_concept(output, EncodedConcept(words[0], local[0]), b, image, mask)
-    click.echo(f"wrote {output} (bundle {b.id})")
+    gen = Generator(bundle, backend, device, load=False, precision=precision)
+    save_concept(output, gen.encode(image, mask), gen.bundle, image, mask)
+    click.echo(f"wrote {output} (bundle {gen.bundle.id})")
+
+
+@main.command()
+@click.option("--bundle", required=True, type=click.Path(), help="Bundle folder from `elite-export build`.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port (0: a free one, printed).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
+@device_option
+@threads_option
+@click.option("--replicas", type=int, default=1, show_default=True, help="Copies of the graphs (each a Ray actor; "
+              "one GPU each with --device cuda).")
+@click.option("--max-batch", type=int, default=0, show_default=True,
+              help="Images per pipeline call; 0: the bundle's max; 1: no batching.")
+@click.option("--batch-wait-ms", type=float, default=10.0, show_default=True,
+              help="How long a batch waits for compatible requests to fill it.")
+@click.option("--max-queue", type=int, default=16, show_default=True,
+              help="Images waiting per replica; past it requests get 503 with Retry-After.")
+@click.option("--timeout-s", type=float, default=300.0, show_default=True,
+              help="Per request, from its arrival; past it 504 and its work is dropped.")
+@click.option("--concept-cache", type=int, default=128, show_default=True, help="Encoded concepts kept per replica.")
+@click.option("--max-upload-mb", type=float, default=16.0, show_default=True, help="Largest request body.")
+def serve(bundle, host, port, backend, device, threads, replicas, max_batch, batch_wait_ms, max_queue, timeout_s,
+          concept_cache, max_upload_mb) -> None:
+    """Serve the bundle over HTTP (Ray Serve, started in this process): POST /v1/encode, POST /v1/generate,
+    GET /health /ready /metrics, API docs at /docs. Ready once every graph is loaded and warmed.
+
+    \b
+      elite-run serve --bundle demo_out/bundle --port 8000
+      curl -F image=@cat.jpg -F mask=@cat_bg.png -F prompt="a S on the beach" -F steps=25 \\
+           -F height=256 -F width=256 http://127.0.0.1:8000/v1/generate -o beach.png
+
+    Needs the serve extra: pip install 'elite-export[serve]'."""
+    from elite_export.runtime.serve.launch import serve_until_stopped
+    from elite_export.runtime.serve.options import ServeOptions
+
+    opts = ServeOptions(bundle=bundle, backend=backend, device=device, threads=threads, replicas=replicas,
+                        max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
+                        concept_cache=concept_cache, max_upload_mb=max_upload_mb)
+    serve_until_stopped(opts, host, port, click.echo)

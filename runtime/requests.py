@@ -94,6 +94,7 @@ class EncodedConcept:
     words: np.ndarray  # [5,D] float32
     local_tokens: np.ndarray  # [P,D] float32 (masked)
     source: str = ""
+    id: str = ""  # the concept id of the image and mask it was encoded from (preprocess.concept_id)
 
 
 @dataclass
