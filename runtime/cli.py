@@ -3,6 +3,8 @@
     elite-run --bundle B --image cat.jpg --mask cat_bg.png --prompt "a S on the beach" -o out
     elite-run encode --bundle B --image cat.jpg --mask cat_bg.png -o cat.concept
     elite-run --bundle B --concept cat.concept --prompts prompts.txt --batch-size 4 -o out
+    elite-run --bundle B --concept cat.concept --concept dog.concept --compose \
+        --prompt "a S and a V on the beach" --lambda 0.8 --lambda 0.6 -o out
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import click
 from elite_export.errors import EliteError
 from elite_export.runtime.backends import BACKENDS
 from elite_export.runtime.console import EliteGroup, format_table, progress
-from elite_export.runtime.options import sampling_options, settings_from
+from elite_export.runtime.options import lambdas, sampling_options, settings_from
 
 
 class RunGroup(EliteGroup):
@@ -61,23 +63,41 @@ def open_pipeline(bundle, backend: str, device: str, threads: int):
         from elite_export.parity import reference_models
         from elite_export.pipeline import ElitePipeline
 
-        return ElitePipeline(reference_models(bundle), placeholder=bundle.manifest["placeholder"])
+        return ElitePipeline(reference_models(bundle), placeholders=tuple(bundle.manifest["placeholders"]))
     from elite_export.runtime.pipeline import RuntimePipeline, open_runners
 
     return RuntimePipeline(bundle, open_runners(bundle, backend, device, threads))
 
 
-def load_concepts(bundle, images: tuple[str, ...], masks: tuple[str, ...], concept_files: tuple[str, ...]) -> list:
+def load_concepts(bundle, images: tuple[str, ...], masks: tuple[str, ...],
+                  concept_files: tuple[str, ...]) -> tuple[list, dict[int, str]]:
+    """-> concepts (images first, then files, each in the order given), {id(concept): its name}."""
     from elite_export.runtime.concept import load_concept_file
     from elite_export.runtime.preprocess import load_concept
 
     if len(images) != len(masks):
         raise EliteError(f"{len(images)} --image and {len(masks)} --mask: give one --mask per --image")
     concepts = [load_concept(i, m) for i, m in zip(images, masks)]
-    concepts += [load_concept_file(c, bundle) for c in concept_files]
+    names = list(images)
+    for path in concept_files:
+        concepts.append(load_concept_file(path, bundle))
+        names.append(concepts[-1].source or os.path.basename(path))
     if not concepts:
         raise EliteError("give a concept: --image X --mask M, or --concept FILE (from `elite-run encode`)")
-    return concepts
+    return concepts, {id(c): n for c, n in zip(concepts, names)}
+
+
+def make_requests(concepts: list, prompts: list[str], compose: bool, seed: int, mode: str, words: str,
+                  lam: tuple[float, ...]) -> list:
+    """compose: every request carries all the concepts (concept c named by the c-th placeholder);
+    otherwise one concept per request, paired with the prompts as `pair` says."""
+    from elite_export.runtime.requests import Request
+
+    if not compose and len(lam) > 1:
+        raise EliteError(f"{len(lam)} --lambda values: one per concept needs --compose (several concepts in "
+                         "one prompt); without it give one --lambda")
+    groups = [(concepts, p) for p in prompts] if compose else [([c], p) for c, p in pair(concepts, prompts)]
+    return [Request(cs, p, seed + i, mode, words, lambdas(lam)) for i, (cs, p) in enumerate(groups)]
 
 
 backend_option = click.option("--backend", type=click.Choice([*BACKENDS, "torch"]),
@@ -96,6 +116,9 @@ threads_option = click.option("--threads", type=int, default=0, show_default=Tru
 @click.option("--concept", "concept_files", multiple=True, type=click.Path(), help="A .concept file (repeatable).")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt with the placeholder (repeatable).")
 @click.option("--prompts", "prompts_file", type=click.Path(), help="File of prompts, one per line.")
+@click.option("--compose", is_flag=True,
+              help="Every prompt composes all the concepts given: concept c is named by the c-th placeholder "
+                   "(S, V, W); one --lambda for all or one per concept.")
 @sampling_options
 @click.option("--batch-size", type=int, default=None, help="Requests per UNet call (default: the bundle's max).")
 @backend_option
@@ -104,12 +127,15 @@ threads_option = click.option("--threads", type=int, default=0, show_default=Tru
 @click.option("-o", "--output", default="elite_out", show_default=True, type=click.Path(), help="Folder for the PNGs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stage table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, words, lam, scheduler, steps, guidance,
-             seed, height, width, batch_size, backend, device, threads, output, as_json, quiet) -> None:
-    """Generate images. Request i gets seed SEED + i; each PNG records every setting that made it."""
+def generate(bundle, image, mask, concept_files, prompts, prompts_file, compose, mode, words, lam, scheduler, steps,
+             guidance, seed, height, width, batch_size, backend, device, threads, output, as_json, quiet) -> None:
+    """Generate images. Request i gets seed SEED + i; each PNG records every setting that made it.
+
+    One concept per image (paired with the prompts), or with --compose every given concept in every
+    prompt: `--image a.jpg --mask a_bg.png --image b.jpg --mask b_bg.png --compose --prompt "a S and a V"`."""
     from elite_export.runtime.bundle import Bundle
     from elite_export.runtime.images import save_png
-    from elite_export.runtime.requests import Request, words_slice
+    from elite_export.runtime.requests import words_slice
     from elite_export.runtime.timing import STAGE_HEADERS, StageTimer
 
     b = Bundle.open(bundle)
@@ -117,9 +143,8 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
     settings = settings_from(scheduler, steps, guidance, height, width)
     m, r = b.model, b.ranges
     settings.check_size(m.size_multiple, r.size[0], r.size[2])
-    requests = [Request(c, p, seed + i, mode, words, lam)
-                for i, (c, p) in enumerate(pair(load_concepts(b, image, mask, concept_files),
-                                                 read_prompts(prompts, prompts_file)))]
+    concepts, names = load_concepts(b, image, mask, concept_files)
+    requests = make_requests(concepts, read_prompts(prompts, prompts_file), compose, seed, mode, words, lam)
     batch = batch_size or min(len(requests), r.batch[2])
     if not 1 <= batch <= r.batch[2]:
         raise EliteError(f"--batch-size {batch} is outside this bundle's 1..{r.batch[2]}")
@@ -132,8 +157,9 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
             images = pipe(chunk, settings, on_step=lambda i, n, k=len(chunk): bar.update(k))
             for j, (req, img) in enumerate(zip(chunk, images)):
                 path = os.path.join(output, f"{start + j:03d}-{slug(req.prompt)}-s{req.seed}.png")
+                named = [names[id(c)] for c in req.concepts]
                 save_png(path, img, {**req.meta(), **settings.to_dict(), "backend": backend, "bundle_id": b.id,
-                                     "concept": getattr(req.concept, "source", "") or (image + concept_files)[0]})
+                                     "concept": named[0] if len(named) == 1 else named})
                 written.append(path)
             timer.merge(pipe.timer)
             pipe.timer = StageTimer()

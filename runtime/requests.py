@@ -62,24 +62,67 @@ class EncodedConcept:
     source: str = ""
 
 
+Concept = ConceptInputs | EncodedConcept
+
+
 @dataclass
 class Request:
-    """One image to generate: a row of a batch."""
-    concept: ConceptInputs | EncodedConcept
+    """One image to generate: a row of a batch. Its prompt names concept c by the c-th placeholder
+    (S, V, W by default), and concept c's local branch has weight lams[c].
+
+    Request(concepts=[cat, dog], prompt="a S and a V on the beach", seed=0, lams=[0.8, 0.6]).
+    One concept may be given bare (Request(cat, "a S", 0, lams=0.8) is Request([cat], ..., lams=[0.8]));
+    lams=None gives every concept DEFAULT_LAMBDA."""
+    concepts: list[Concept]
     prompt: str
     seed: int
     mode: str = "local"  # local: w0 + local branch; global: words, no local branch
     words: str = "all"  # global mode: "all" or "0".."4"
-    lam: float = DEFAULT_LAMBDA
+    lams: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.concepts, (ConceptInputs, EncodedConcept)):
+            self.concepts = [self.concepts]
+        self.concepts = list(self.concepts)
+        if not self.concepts:
+            raise EliteError("a request needs at least one concept")
+        if self.lams is None:
+            self.lams = [DEFAULT_LAMBDA] * len(self.concepts)
+        elif isinstance(self.lams, (int, float)):
+            self.lams = [float(self.lams)] * len(self.concepts)
+        self.lams = [float(x) for x in self.lams]
+        if len(self.lams) != len(self.concepts):
+            raise EliteError(f"{len(self.lams)} lambdas for {len(self.concepts)} concepts: give one lambda, "
+                             "or one per concept")
+
+    @property
+    def concept(self) -> Concept:
+        """The request's only concept (single-concept code paths)."""
+        if len(self.concepts) != 1:
+            raise ValueError(f"this request has {len(self.concepts)} concepts; use .concepts")
+        return self.concepts[0]
+
+    @property
+    def lam(self) -> float:
+        """The only concept's lambda (single-concept code paths)."""
+        if len(self.lams) != 1:
+            raise ValueError(f"this request has {len(self.lams)} concepts; use .lams")
+        return self.lams[0]
 
     @property
     def words_slice(self) -> tuple[int, int]:
         return words_slice(self.mode, self.words)
 
     @property
-    def local_weight(self) -> float:
-        """lambda on the conditional row: the local branch runs in local mode only."""
-        return self.lam if self.mode == "local" else 0.0
+    def num_words(self) -> int:
+        lo, hi = self.words_slice
+        return hi - lo
+
+    @property
+    def local_weights(self) -> list[float]:
+        """lambda of each concept on the conditional row: the local branch runs in local mode only."""
+        return list(self.lams) if self.mode == "local" else [0.0] * len(self.lams)
 
     def meta(self) -> dict:
-        return {"prompt": self.prompt, "seed": self.seed, "mode": self.mode, "words": self.words, "lambda": self.lam}
+        lam: float | list[float] = self.lams[0] if len(self.lams) == 1 else list(self.lams)
+        return {"prompt": self.prompt, "seed": self.seed, "mode": self.mode, "words": self.words, "lambda": lam}
