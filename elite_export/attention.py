@@ -2,16 +2,21 @@
 
 Every `attn2` gets an `EliteCrossAttnProcessor`; its K/V projections are the global mapper's
 trained `to_k`/`to_v` (written into `attn2.to_k/to_v`, so conditional and unconditional rows use
-them alike). Per row b, with P = softmax(q k^T s) over the text and P_l over the local tokens:
+them alike). A row b may carry C concepts, each with its own masked local tokens, the position
+idx[b,c] of its (first) word in the text, and its own weight lam[b,c]. With P = softmax(q k^T s)
+over the text and P_l,c = softmax(q k_l,c^T s) over concept c's local tokens:
 
-    out = P v + lam[b] * (m / max_{heads,queries} m) * (P_l v_l),   m = P[..., idx[b]]
+    out = P v + sum_c lam[b,c] * (m_c / max_{heads,queries} m_c) * (P_l,c v_l,c),   m_c = P[..., idx[b,c]]
 
-The max is taken per sample (the authors take it over the whole batch tensor: identical for one
-request, and per sample keeps batched rows independent). m and its max are fp32: in fp16 m can
-underflow to 0 and 0/0 is NaN, which lam = 0 would not cancel.
+Each max is taken per sample and concept (the authors, with one concept, take it over the whole
+batch tensor: identical for one request, and per sample keeps batched rows independent). m and its
+max are fp32: in fp16 m can underflow to 0 and 0/0 is NaN, which lam = 0 would not cancel. With
+C = 1 this is the single-concept formula op for op; a concept with lam = 0 adds exactly 0 (padding
+rows of fewer concepts, unconditional rows).
 
-The ELITE inputs travel as `cross_attention_kwargs` (elite_local, elite_index, elite_lambda); every
-`attn1` gets `SelfAttnProcessor`, the stock SDPA self-attention that accepts (and ignores) them.
+The ELITE inputs travel as `cross_attention_kwargs`: elite_local [B,C,P,D], elite_index [B,C],
+elite_lambda [B,C] (or [B,P,D], [B], [B] for one concept); every `attn1` gets `SelfAttnProcessor`,
+the stock SDPA self-attention that accepts (and ignores) them.
 """
 from __future__ import annotations
 
@@ -37,41 +42,63 @@ class EliteCrossAttnProcessor(nn.Module):
     def __call__(  # noqa: D102 - diffusers calls processors directly; the signature names the kwargs it passes
         self,
         attn: Attention,
-        hidden_states: torch.Tensor,  # [B,N,C]
+        hidden_states: torch.Tensor,  # [B,N,Cq]
         encoder_hidden_states: torch.Tensor | None = None,  # [B,77,D]
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        elite_local: torch.Tensor | None = None,  # [B,256,D] local tokens (masked)
-        elite_index: torch.Tensor | None = None,  # [B] placeholder position
-        elite_lambda: torch.Tensor | None = None,  # [B] local weight; 0 on unconditional rows
+        elite_local: torch.Tensor | None = None,  # [B,C,P,D] each concept's local tokens (masked)
+        elite_index: torch.Tensor | None = None,  # [B,C] position of each concept's word in the text
+        elite_lambda: torch.Tensor | None = None,  # [B,C] local weights; 0 on unconditional rows
     ) -> torch.Tensor:
         B, N, _ = hidden_states.shape
         H = attn.heads
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
 
-        def heads(x: torch.Tensor) -> torch.Tensor:  # [B,L,H*d] -> [B,H,L,d]
-            return x.view(B, x.shape[1], H, -1).transpose(1, 2)
+        def heads(x: torch.Tensor) -> torch.Tensor:  # [R,L,H*d] -> [R,H,L,d]
+            return x.view(x.shape[0], x.shape[1], H, -1).transpose(1, 2)
 
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(context)), heads(attn.to_v(context))
+        q3 = attn.to_q(hidden_states)  # [B,N,H*d]
+        q, k, v = heads(q3), heads(attn.to_k(context)), heads(attn.to_v(context))
         local = elite_local is not None
         if local:
-            k_l, v_l = heads(self.to_k_local(elite_local)), heads(self.to_v_local(elite_local))
+            elite_local, elite_index, lam = concept_axis(elite_local, elite_index, elite_lambda)
+            C = elite_local.shape[1]
         if local and self.attention == "plugin":
             from elite_export.engines.attention_op import elite_cross_attention_op
 
-            out, out_l, p_index = elite_cross_attention_op(q, k, v, k_l, v_l, elite_index.to(torch.int32))
+            def heads5(x: torch.Tensor) -> torch.Tensor:  # [B,C,P,H*d] -> [B,C,H,P,d]
+                return x.view(B, C, x.shape[2], H, -1).transpose(2, 3)
+
+            k_l, v_l = heads5(self.to_k_local(elite_local)), heads5(self.to_v_local(elite_local))
+            out, out_l, m = elite_cross_attention_op(q, k, v, k_l, v_l, elite_index.to(torch.int32))
         else:
             probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)  # [B,H,N,77]
             out = probs @ v  # [B,H,N,d]
             if local:
-                idx = elite_index.long().view(B, 1, 1, 1).expand(B, H, N, 1)
-                p_index = probs.gather(-1, idx).squeeze(-1)  # [B,H,N]
-                out_l = (q @ k_l.transpose(-1, -2) * attn.scale).softmax(dim=-1) @ v_l  # [B,H,N,d]
+                idx = elite_index.long().view(B, 1, 1, C).expand(B, H, N, C)
+                m = probs.gather(-1, idx).permute(0, 3, 1, 2)  # [B,C,H,N]
+                # (request, concept) pairs as rows of one attention: q of row b for each of its C concepts
+                rows = torch.arange(B, device=q3.device).unsqueeze(1).expand(B, C).reshape(B * C)
+                local3 = elite_local.reshape(B * C, elite_local.shape[2], elite_local.shape[3])  # [B*C,P,D]
+                q_l, k_l, v_l = heads(q3[rows]), heads(self.to_k_local(local3)), heads(self.to_v_local(local3))
+                out_l = (q_l @ k_l.transpose(-1, -2) * attn.scale).softmax(dim=-1) @ v_l  # [B*C,H,N,d]
+                out_l = out_l.view(B, C, H, N, -1)  # [B,C,H,N,d]
         if local:
-            lam = elite_lambda if elite_lambda is not None else torch.ones(B, device=q.device)
-            out = out + (self.local_scale(p_index, lam) * out_l.float()).to(out.dtype)
+            out = out + (self.local_scale(m, lam) * out_l.float()).sum(dim=1).to(out.dtype)  # fp32 products, sum
         out = out.transpose(1, 2).reshape(B, N, -1)  # [B,N,H*d]
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def concept_axis(local: torch.Tensor, index: torch.Tensor, lam: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ELITE kwargs with a concept axis: one concept ([B,P,D], [B], [B]) becomes C = 1
+    ([B,1,P,D], [B,1], [B,1]); no lambda means 1 for every concept."""
+    if local.dim() == 3:
+        local, index = local.unsqueeze(1), index.view(-1, 1)
+        lam = None if lam is None else lam.view(-1, 1)
+    if lam is None:
+        lam = torch.ones(local.shape[:2], device=local.device)
+    return local, index, lam
 
 
 class SelfAttnProcessor(AttnProcessor2_0):

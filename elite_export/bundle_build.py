@@ -27,7 +27,7 @@ from elite_export.errors import EliteError
 from elite_export.export import ExportSettings, Fp16Policy, export_onnx, to_fp16
 from elite_export.ort_fusion import fuse_for_ort_file
 from elite_export.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, entry_problems, file_sha256
-from elite_export.runtime.prompt import PromptTokenizer
+from elite_export.runtime.prompt import DEFAULT_PLACEHOLDERS, PromptTokenizer
 from elite_export.runtime.requests import DEFAULT_LAMBDA, PAPER_SCHEDULER_CONFIG
 from elite_export.specs import GRAPH_NAMES, ShapeRanges, spec
 
@@ -42,7 +42,7 @@ class BuildOptions:
     attention: str = "formula"  # or "plugin": ELITE cross-attention as one custom node (TensorRT)
     export: ExportSettings = ExportSettings()
     fp16: Fp16Policy = Fp16Policy()
-    placeholder: str = "S"
+    placeholders: tuple[str, ...] = DEFAULT_PLACEHOLDERS  # concept c's word in prompts: the c-th
     force: bool = False
 
 
@@ -195,12 +195,12 @@ def cuda_graph(name: str, out: str, files: dict, key: str, prev: dict | None, op
     return entry
 
 
-def write_text_assets(models: EliteModels, out: str, placeholder: str) -> dict:
+def write_text_assets(models: EliteModels, out: str, placeholders: tuple[str, ...]) -> dict:
     """tokenizer.json and the unconditional embedding (text encoder on "" without injection)."""
     import torch
 
     tok_path, uncond_path = os.path.join(out, "tokenizer.json"), os.path.join(out, "uncond_embedding.npy")
-    tokenizer = PromptTokenizer(models.tokenizer.backend_tokenizer, placeholder)  # refuses a multi-token placeholder
+    tokenizer = PromptTokenizer(models.tokenizer.backend_tokenizer, placeholders)  # refuses multi-token placeholders
     with torch.no_grad():
         uncond = models.text_encoder(torch.from_numpy(tokenizer.ids(""))[None]).numpy().astype(np.float32)
     models.tokenizer.backend_tokenizer.save(tok_path + ".part")
@@ -233,6 +233,9 @@ def build_bundle(paths: CheckpointPaths, out: str, options: BuildOptions = Build
     if "cuda" in options.precisions and ("fp32" not in options.precisions or options.attention != "formula"):
         raise EliteError("--precision cuda needs fp32 too and --attention formula (the CUDA variant is made from "
                          "the fp32 graph; ONNX Runtime cannot run the TensorRT plugin's node)")
+    if len(options.placeholders) < options.ranges.concepts[2]:
+        raise EliteError(f"{options.ranges.concepts[2]} concepts per prompt need as many placeholders; got "
+                         f"{len(options.placeholders)} ({', '.join(options.placeholders)}): repeat --placeholder")
     os.makedirs(out, exist_ok=True)
     old = previous_manifest(out)
     sources = paths.sources()
@@ -240,19 +243,21 @@ def build_bundle(paths: CheckpointPaths, out: str, options: BuildOptions = Build
     models = load_models(paths, options.attention)
     dims = model_dims(models)
     options.ranges.check(dims)
-    assets = write_text_assets(models, out, options.placeholder)
+    placeholders = tuple(options.placeholders[: options.ranges.concepts[2]])
+    assets = write_text_assets(models, out, placeholders)
     graphs, reports = export_graphs(models, out, options, sources, versions, old, on_graph)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "bundle_id": sha256_json({"sources": {k: v["sha256"] for k, v in sources.items()},
-                                  "placeholder": options.placeholder})[:32],
+                                  "placeholders": list(placeholders)})[:32],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": dims.to_dict(), "ranges": options.ranges.to_dict(), "static": options.ranges.static,
         "attention": options.attention, "precisions": list(options.precisions),
         "fp16_policy": options.fp16.to_dict(), "export": asdict(options.export),
         "graphs": graphs, **assets,
         "scheduler_config": dict(PAPER_SCHEDULER_CONFIG),
-        "placeholder": options.placeholder, "default_lambda": DEFAULT_LAMBDA, "default_mode": "local",
+        "placeholder": placeholders[0], "placeholders": list(placeholders),
+        "default_lambda": DEFAULT_LAMBDA, "default_mode": "local",
         "default_words": "all", "has_local_mapper": models.local_mapper is not None,
         "sources": sources, "versions": versions,
         "engines": old.get("engines", {}),

@@ -13,7 +13,8 @@ import click
 
 from elite_export.cli_options import checkpoint_options, checkpoint_paths
 from elite_export.runtime.console import EliteGroup
-from elite_export.runtime.options import sampling_options, settings_from
+from elite_export.runtime.options import lambdas, sampling_options, settings_from
+from elite_export.runtime.prompt import DEFAULT_PLACEHOLDERS
 
 
 @click.group(cls=EliteGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -43,22 +44,27 @@ def toy(out: str, seed: int) -> None:
 
 @main.command()
 @checkpoint_options
-@click.option("--image", required=True, type=click.Path(), help="Concept image (RGB; other modes are converted).")
-@click.option("--mask", required=True, type=click.Path(), help="Object mask, same size; white (> 0) = object.")
-@click.option("--prompt", required=True, help="Prompt with the placeholder, e.g. 'a photo of a S'.")
-@click.option("--placeholder", default="S", show_default=True, help="The placeholder word in the prompt.")
+@click.option("--image", required=True, multiple=True, type=click.Path(),
+              help="Concept image (RGB; other modes are converted). Repeat with --mask to compose concepts.")
+@click.option("--mask", required=True, multiple=True, type=click.Path(),
+              help="Object mask of the --image in the same place, same size; white (> 0) = object.")
+@click.option("--prompt", required=True,
+              help="Prompt naming concept c by the c-th placeholder, e.g. 'a photo of a S' or 'a S and a V'.")
+@click.option("--placeholder", "placeholders", multiple=True, default=DEFAULT_PLACEHOLDERS, show_default=True,
+              help="Placeholder word of concept 1, 2, ... (repeat).")
 @sampling_options
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16 needs a CUDA device.")
 @click.option("--attention", type=click.Choice(["formula", "plugin"]), default="formula", show_default=True,
               help="ELITE cross-attention: the plain formula, or the fused Triton kernel (CUDA).")
 @click.option("-o", "--output", default="elite.png", show_default=True, type=click.Path(), help="PNG to write.")
-def generate(sd, image_encoder, global_mapper, local_mapper, image, mask, prompt, placeholder, mode, words,
+def generate(sd, image_encoder, global_mapper, local_mapper, image, mask, prompt, placeholders, mode, words,
              lam, scheduler, steps, guidance, seed, height, width, dtype, attention, output) -> None:
     """Generate one image with the PyTorch reference (the authors' semantics, batched CFG).
 
     With --scheduler lms --steps 100 --guidance 5 it reproduces the authors' inference_local.py
-    (--mode local) and inference_global.py (--mode global) for the same checkpoints and seed."""
+    (--mode local) and inference_global.py (--mode global) for the same checkpoints and seed.
+    Several --image/--mask pairs compose their concepts in one prompt (one --lambda each, or one for all)."""
     import torch
 
     from elite_export.checkpoints import load_models
@@ -71,13 +77,14 @@ def generate(sd, image_encoder, global_mapper, local_mapper, image, mask, prompt
 
     settings = settings_from(scheduler, steps, guidance, height, width)
     settings.validate()
-    concept = load_concept(image, mask)
-    request = Request(concept, prompt, seed, mode, words, lam)
+    if len(image) != len(mask):
+        raise EliteError(f"{len(image)} --image and {len(mask)} --mask: give one --mask per --image")
+    request = Request([load_concept(i, m) for i, m in zip(image, mask)], prompt, seed, mode, words, lambdas(lam))
     request.validate()
     t0 = time.perf_counter()
     models = load_models(checkpoint_paths(sd, image_encoder, global_mapper, local_mapper), attention)
     device = "cuda" if dtype == "fp16" or (attention == "plugin" and torch.cuda.is_available()) else "cpu"
-    pipe = ElitePipeline(models, device, torch.float16 if dtype == "fp16" else torch.float32, placeholder)
+    pipe = ElitePipeline(models, device, torch.float16 if dtype == "fp16" else torch.float32, tuple(placeholders))
     t1 = time.perf_counter()
     with progress(steps, "denoising") as bar:
         result = pipe([request], settings, on_step=lambda i, n: bar.update(1), validate=False)
@@ -85,8 +92,8 @@ def generate(sd, image_encoder, global_mapper, local_mapper, image, mask, prompt
     if result.errors[0] is not None:
         raise EliteError(f"{result.errors[0]}; {output} not written")
     img = result.images[0]
-    meta = {"prompt": prompt, "seed": seed, "mode": mode, "words": words, "lambda": lam,
-            "placeholder": placeholder, "dtype": dtype, "backend": "torch", **settings.to_dict()}
+    meta = {**request.meta(), "placeholder": placeholders[0] if len(image) == 1 else list(placeholders[:len(image)]),
+            "dtype": dtype, "backend": "torch", **settings.to_dict()}
     save_png(output, img, meta)
     click.echo(f"wrote {output} ({width}x{height}; load {t1 - t0:.1f} s, generate {t2 - t1:.1f} s)")
 

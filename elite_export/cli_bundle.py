@@ -10,6 +10,7 @@ from elite_export.cli_options import checkpoint_options, checkpoint_paths
 from elite_export.errors import EliteError
 from elite_export.runtime.backends import BACKENDS
 from elite_export.runtime.console import format_table, progress
+from elite_export.runtime.prompt import DEFAULT_PLACEHOLDERS
 
 
 def parse_csv(value: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
@@ -46,7 +47,9 @@ def toy_checkpoints(bundle: str, seed: int):
               metavar="MIN OPT MAX", help="Requests per call (the UNet runs 2x: [uncond; cond]).")
 @click.option("--size", nargs=3, type=int, default=(256, 512, 1024), show_default=True, metavar="MIN OPT MAX",
               help="Image height/width range in px, multiples of 64.")
-@click.option("--static", is_flag=True, help="Fixed shapes at the OPT batch and size (what CUDA graphs want).")
+@click.option("--concepts", nargs=3, type=int, default=(1, 1, 3), show_default=True, metavar="MIN OPT MAX",
+              help="Concepts per prompt (ELITE composition); fewer than a graph runs are padded with absent ones.")
+@click.option("--static", is_flag=True, help="Fixed shapes at the OPT batch, size and concepts (what CUDA graphs want).")
 @click.option("--attention", type=click.Choice(["formula", "plugin"]), default="formula", show_default=True,
               help="plugin: each ELITE cross-attention as one custom node for TensorRT's plugin.")
 @click.option("--fp32-ops", default=None, help="Op types kept fp32 in fp16 graphs (comma-separated; default: "
@@ -56,7 +59,8 @@ def toy_checkpoints(bundle: str, seed: int):
 @click.option("--no-ort-fusion", is_flag=True,
               help="fp32 graphs as exported (default: attention fused into com.microsoft.MultiHeadAttention "
                    "for ONNX Runtime; the fp16 graphs for TensorRT are never fused).")
-@click.option("--placeholder", default="S", show_default=True)
+@click.option("--placeholder", "placeholders", multiple=True, default=DEFAULT_PLACEHOLDERS, show_default=True,
+              help="Placeholder word of concept 1, 2, ... (repeat; each one CLIP token, checked here).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True,
               help="tensorrt: also build fp16 TensorRT engines (needs TensorRT and a GPU).")
 @click.option("--trt-opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
@@ -64,8 +68,8 @@ def toy_checkpoints(bundle: str, seed: int):
 @click.option("--workspace-mib", type=int, default=None, help="TensorRT workspace limit (default: TensorRT's).")
 @click.option("--refittable", is_flag=True, help="Build refittable TensorRT engines (weights swappable).")
 @click.option("--force", is_flag=True, help="Rebuild every graph even when its inputs are unchanged.")
-def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output, precision, batch, size, static,
-          attention, fp32_ops, opset, no_fold, no_ort_fusion, placeholder, backend, trt_opt_level, workspace_mib,
+def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output, precision, batch, size, concepts,
+          static, attention, fp32_ops, opset, no_fold, no_ort_fusion, placeholders, backend, trt_opt_level, workspace_mib,
           refittable, force) -> None:
     """Export the checkpoints into a self-contained bundle folder.
 
@@ -86,10 +90,11 @@ def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output,
     precisions = parse_csv(precision, PRECISIONS, "--precision")
     if backend == "tensorrt" and "fp16" not in precisions:
         raise EliteError("--backend tensorrt builds engines from the fp16 graphs: add fp16 to --precision")
-    ranges = ShapeRanges((batch[1],) * 3, (size[1],) * 3) if static else ShapeRanges(tuple(batch), tuple(size))
+    ranges = ShapeRanges(tuple(batch), tuple(size), tuple(concepts))
+    ranges = ranges.at_opt() if static else ranges
     policy = Fp16Policy() if fp32_ops is None else Fp16Policy(fp32_ops=tuple(o.strip() for o in fp32_ops.split(",")))
     export = ExportSettings(opset, not no_fold, ort_fusion=not no_ort_fusion)
-    options = BuildOptions(ranges, precisions, attention, export, policy, placeholder, force)
+    options = BuildOptions(ranges, precisions, attention, export, policy, tuple(placeholders), force)
     paths = toy_checkpoints(output, toy_seed) if toy else checkpoint_paths(sd, image_encoder, global_mapper,
                                                                            local_mapper)
     with progress(4, "exporting graphs") as bar:

@@ -53,12 +53,15 @@ class Fp16Policy:
 
 
 def example_dims(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, int]:
-    """Trace inputs: the opt size and a batch of >= 2 where the batch is dynamic (avoids 0/1 specialisation)."""
+    """Trace inputs: the opt size and a batch (and concept count) of >= 2 where it is dynamic (avoids 0/1
+    specialisation)."""
     batch = ranges.batch[1] if ranges.batch[0] == ranges.batch[2] else max(2, ranges.batch[1])
+    lo, opt, hi = ranges.concepts
+    concepts = opt if lo == hi else min(max(2, opt), hi)
     size = ranges.size[1]
     if ranges.size[0] != ranges.size[2] and size // spec.model.size_multiple < 2:
         size = ranges.size[2]  # one block of latent would be specialised away as well
-    return spec.dims(batch, size, size, spec.k_range[1])
+    return spec.dims(batch, size, size, spec.k_range[1], concepts)
 
 
 def dynamic_shapes(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, dict[int, object]]:
@@ -78,6 +81,8 @@ def dynamic_shapes(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, dict[int, 
         dims["w"] = Dim("w_blocks", min=blocks[0], max=blocks[1]) * lm
     if "K" in varying:
         dims["K"] = Dim("K", min=spec.k_range[0], max=spec.k_range[2])
+    if "NC" in varying:
+        dims["NC"] = Dim("NC", min=ranges.concepts[0], max=ranges.concepts[2])
     return {t.name: {i: dims[s] for i, s in axes[t.name].items()} for t in spec.inputs}
 
 
@@ -140,7 +145,7 @@ def quiet_exporter():
 
 
 def name_io_dims(model: onnx.ModelProto, spec: GraphSpec, ranges: ShapeRanges) -> None:
-    """Rename the graph I/O's dynamic dims to the spec's symbols (B, h, w, Y, X, K)."""
+    """Rename the graph I/O's dynamic dims to the spec's symbols (B, h, w, Y, X, K, NC)."""
     axes = spec.dynamic_axes(ranges)
     for vi in list(model.graph.input) + list(model.graph.output):
         for i, sym in axes.get(vi.name, {}).items():

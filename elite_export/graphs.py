@@ -28,7 +28,7 @@ class ConceptEncoderGraph(nn.Module):
 
 
 class TextEncoderGraph(nn.Module):
-    """(input_ids [B,77], words [B,K,D], placeholder_index [B]) -> text_embeddings [B,77,D]."""
+    """(input_ids [B,77], words [B,NC,K,D], placeholder_index [B,NC]) -> text_embeddings [B,77,D]."""
 
     def __init__(self, models: EliteModels):
         super().__init__()
@@ -39,7 +39,8 @@ class TextEncoderGraph(nn.Module):
 
 
 class UnetGraph(nn.Module):
-    """One denoising call on N = 2B rows [uncond; cond] -> noise_pred [N,C,h,w]."""
+    """One denoising call on N = 2B rows [uncond; cond] -> noise_pred [N,C,h,w]; local_tokens [N,NC,P,D],
+    placeholder_index and lam [N,NC] (see attention.EliteCrossAttnProcessor)."""
 
     def __init__(self, models: EliteModels):
         super().__init__()

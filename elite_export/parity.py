@@ -120,18 +120,22 @@ class ParityChecker:
 
 
 def sample_cases(bundle: Bundle) -> Iterator[Case]:
-    """Each graph at the range's smallest batch and size, and at a larger, non-square point."""
+    """Each graph at the range's smallest batch, size and concept count, and at a larger, non-square
+    point with the most concepts."""
     r, m = bundle.ranges, bundle.model
     big_b = min(max(2, r.batch[0]), r.batch[2])
     narrow = max(r.size[0], r.size[1] - m.size_multiple) if r.size[0] != r.size[2] else r.size[1]
     points = [("min", r.batch[0], r.size[0], r.size[0]), ("non-square", big_b, r.size[1], narrow)]
     for graph in GRAPH_NAMES:
         spec = bundle.spec(graph)
+        has_concepts = any("NC" in t.shape for t in spec.inputs)
         for i, (label, b, hgt, wid) in enumerate(points):
             k = spec.k_range[0] if i == 0 else spec.k_range[2]
-            dims = spec.dims(b, hgt, wid, k)
-            yield Case(graph, f"{label} b{b} {hgt}x{wid}" + (f" K{k}" if spec.k_range[2] > 1 else ""), dims,
-                       spec.sample_inputs(dims, seed=i))
+            c = r.concepts[0] if i == 0 else r.concepts[2]
+            dims = spec.dims(b, hgt, wid, k, c)
+            name = f"{label} b{b} {hgt}x{wid}" + (f" K{k}" if spec.k_range[2] > 1 else "") + \
+                (f" C{c}" if has_concepts else "")
+            yield Case(graph, name, dims, spec.sample_inputs(dims, seed=i))
 
 
 def concept_cases(bundle: Bundle, models: EliteModels, concepts: list[tuple[str, str]], prompts: list[str],
@@ -139,7 +143,7 @@ def concept_cases(bundle: Bundle, models: EliteModels, concepts: list[tuple[str,
     """Real data through the chain: concept -> words/local -> text (K=1, K=5) -> UNet -> VAE."""
     from elite_export.graphs import ConceptEncoderGraph, TextEncoderGraph
 
-    tok = PromptTokenizer.from_file(bundle.tokenizer_path(), bundle.manifest["placeholder"])
+    tok = PromptTokenizer.from_file(bundle.tokenizer_path(), bundle.manifest["placeholders"])
     model = bundle.model
     size = bundle.ranges.size[0]
     ce_spec, te_spec, un_spec, vae_spec = (bundle.spec(g) for g in GRAPH_NAMES)
@@ -155,7 +159,7 @@ def concept_cases(bundle: Bundle, models: EliteModels, concepts: list[tuple[str,
         for pi, prompt in enumerate(prompts):
             ids, idx = tok.encode(prompt)
             for k in (1, model.words):
-                te_in = {"input_ids": ids[None], "words": words[:, :k], "placeholder_index": np.array([idx])}
+                te_in = {"input_ids": ids[None], "words": words[:, None, :k], "placeholder_index": np.array([[idx]])}
                 yield Case("text_encoder", f"{tag} '{prompt}' K{k}", te_spec.dims(1, k=k), te_in)
             if pi % max(1, len(prompts) // 2):  # the UNet on two prompts per concept
                 continue
@@ -166,8 +170,9 @@ def concept_cases(bundle: Bundle, models: EliteModels, concepts: list[tuple[str,
             for t in timesteps:
                 un_in = {"latents": rng.standard_normal((2, model.latent_channels, h, h)).astype(np.float32),
                          "timestep": np.full(2, t, np.float32), "text_embeddings": np.concatenate([uncond, text]),
-                         "local_tokens": np.concatenate([local, local]), "placeholder_index": np.array([idx, idx]),
-                         "lam": np.array([0.0, bundle.manifest["default_lambda"]], np.float32)}
+                         "local_tokens": np.concatenate([local, local])[:, None],  # [2,1,P,D]: one concept
+                         "placeholder_index": np.array([[idx], [idx]]),
+                         "lam": np.array([[0.0], [bundle.manifest["default_lambda"]]], np.float32)}
                 yield Case("unet", f"{tag} '{prompt}' t{t}", un_spec.dims(1, size, size), un_in)
         h = size // model.vae_factor
         lat = (rng.standard_normal((1, model.latent_channels, h, h)) * 0.8).astype(np.float32)

@@ -1,9 +1,12 @@
-"""The PyTorch reference of ELITE inference (DESIGN.md steps 1-8), batched.
+"""The PyTorch reference of ELITE inference (DESIGN.md steps 1-8), batched, with several concepts.
 
-Each request (concept, prompt, seed, mode, words, lambda) is one row; the rows of a batch share
+Each request (concepts, prompt, seed, mode, words, lambdas) is one row; the rows of a batch share
 the scheduler, step count and size, and are independent of each other: noise is drawn per row
-from its own seed, the attention max is per sample, and classifier-free guidance runs as one
-UNet call on [uncond rows; cond rows] with lambda = 0 on the unconditional rows.
+from its own seed, the attention max is per sample and concept, rows with fewer concepts are padded
+with absent ones (runtime/composition.py), and classifier-free guidance runs as one UNet call on
+[uncond rows; cond rows] with every lambda 0 on the unconditional rows. Concept c's words are
+injected at the prompt's c-th placeholder and its local branch reads the attention paid to them
+(elite_export/attention.py has the formula).
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ import torch
 from elite_export.checkpoints import EliteModels
 from elite_export.errors import EliteError
 from elite_export.mappers import clip_features
+from elite_export.runtime.composition import layout
 from elite_export.runtime.preprocess import ConceptInputs
-from elite_export.runtime.prompt import PromptTokenizer
+from elite_export.runtime.prompt import DEFAULT_PLACEHOLDERS, PromptTokenizer
 from elite_export.runtime.requests import GenerationResult, GenerationSettings, Request, validate_requests
 from elite_export.runtime.timing import StageTimer
 from elite_export.schedulers import make_diffusers_scheduler
@@ -43,14 +47,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 class ElitePipeline:
     def __init__(self, models: EliteModels, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 placeholder: str = "S"):
+                 placeholders: str | tuple[str, ...] = DEFAULT_PLACEHOLDERS):
         if dtype == torch.float16 and not str(device).startswith("cuda"):
             raise EliteError("fp16 needs a CUDA device; use --dtype fp32 on the CPU")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise EliteError("--dtype fp16 needs a CUDA device and none is available; use --dtype fp32")
         self.models = models.to(device, dtype)
         self.device, self.dtype = torch.device(device), dtype
-        self.tokenizer = PromptTokenizer(models.tokenizer.backend_tokenizer, placeholder)
+        self.tokenizer = PromptTokenizer(models.tokenizer.backend_tokenizer, placeholders)
         vae_blocks = len(models.vae.config.block_out_channels)
         self.vae_factor = 2 ** (vae_blocks - 1)
         self.timer = StageTimer()
@@ -71,19 +75,26 @@ class ElitePipeline:
         return words, m.local_mapper(clip_features(m.vision, obj)) * mask.unsqueeze(-1)
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str], words: torch.Tensor | None) -> torch.Tensor:
-        """prompts with words [B,K,D] injected at each placeholder (None: no injection) -> [B,77,D]."""
+    def encode_text(self, prompts: list[str], words: torch.Tensor | None,
+                    index: torch.Tensor | None = None) -> torch.Tensor:
+        """prompts with each concept's words injected at its placeholder -> [B,77,D].
+
+        words: [B,C,K,D] (or [B,K,D]: one concept); None: no injection. index: [B,C] placeholder
+        indices (77: absent); by default read from the prompts, every concept's placeholder present."""
         ids = torch.from_numpy(np.stack([self.tokenizer.ids(p) for p in prompts])).to(self.device)  # int64: not
         # through self.dtype, where fp16 would round token 49406 to 49408
         if words is None:
             return self.models.text_encoder(ids)
-        index = torch.tensor([self.tokenizer.placeholder_index(p) for p in prompts], device=self.device)
-        return self.models.text_encoder(ids, words, index)
+        if index is None:
+            n = 1 if words.dim() == 3 else words.shape[1]
+            index = torch.tensor([self.tokenizer.placeholder_indices(p, n) for p in prompts])
+        return self.models.text_encoder(ids, words, index.to(self.device))
 
     @torch.no_grad()
     def unet_step(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, local: torch.Tensor,
                   index: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """One UNet call on N rows: latents [N,4,h,w], t [N], text [N,77,D], local [N,256,D], index/lam [N]."""
+        """One UNet call on N rows: latents [N,4,h,w], t [N], text [N,77,D], local [N,C,P,D], index/lam [N,C]
+        (index: each concept's first word in the text)."""
         kwargs = {"elite_local": local, "elite_index": index, "elite_lambda": lam}
         with self.timer.stage("unet"):
             return self.models.unet(latents, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
@@ -104,30 +115,37 @@ class ElitePipeline:
     @torch.no_grad()
     def conditioning(self, requests: list[Request], result: GenerationResult | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> text [B,77,D] (cond), local [B,256,D], placeholder index [B], lambda [B]; rows whose
-        words, local tokens or text come out NaN/inf are marked failed in `result`."""
+        """-> text [B,77,D] (cond), local [B,C,P,D], word index [B,C], lambda [B,C] (C: the most concepts
+        of any request; the others padded with absent concepts); rows whose words, local tokens or text
+        come out NaN/inf are marked failed in `result`."""
         if any(r.mode == "local" for r in requests) and self.models.local_mapper is None:
             raise EliteError("local mode needs --local-mapper; give it or use --mode global")
-        if not all(isinstance(r.concept, ConceptInputs) for r in requests):
+        lay = layout(requests, self.tokenizer)  # user errors before any model runs
+        if not all(isinstance(c, ConceptInputs) for c in lay.concepts):
             raise EliteError("the PyTorch reference takes concept images (--image/--mask), not .concept files")
         with self.timer.stage("concept_encoder"):
-            words, local = self.encode_concepts([r.concept for r in requests])
+            words, local = self.encode_concepts(lay.concepts)  # [n,5,D], [n,P,D] | None
         if local is None:
-            local = torch.zeros(words.shape[0], len(requests[0].concept.mask), words.shape[2],
+            local = torch.zeros(words.shape[0], len(lay.concepts[0].mask), words.shape[2],
                                 device=self.device, dtype=self.dtype)
-        text = torch.empty(len(requests), self.tokenizer.max_length, words.shape[2], device=self.device,
+        rows = torch.from_numpy(np.maximum(lay.rows, 0)).to(self.device)  # [B,C]
+        present = torch.from_numpy(lay.rows >= 0).to(self.device).view(*rows.shape, 1, 1).to(self.dtype)
+        words, local = words[rows] * present, local[rows] * present  # [B,C,5,D], [B,C,P,D]: 0 where absent
+        text_index = torch.from_numpy(lay.text_index).to(self.device)
+        text = torch.empty(len(requests), self.tokenizer.max_length, words.shape[-1], device=self.device,
                            dtype=self.dtype)
         rows_by_slice: dict[tuple[int, int], list[int]] = {}
         for i, r in enumerate(requests):
             rows_by_slice.setdefault(r.words_slice, []).append(i)
-        for (lo, hi), rows in rows_by_slice.items():  # one text-encoder call per number of words K
+        for (lo, hi), group in rows_by_slice.items():  # one text-encoder call per number of words K
             with self.timer.stage("text_encoder"):
-                text[rows] = self.encode_text([requests[i].prompt for i in rows], words[rows, lo:hi])
+                text[group] = self.encode_text([requests[i].prompt for i in group], words[group, :, lo:hi],
+                                               text_index[group])
         if result is not None:
             result.fail(finite(words) & finite(local), "concept encoder: NaN/inf in the words or local tokens")
             result.fail(finite(text), "text encoder: NaN/inf in the text embeddings")
-        index = torch.tensor([self.tokenizer.placeholder_index(r.prompt) for r in requests], device=self.device)
-        lam = torch.tensor([r.local_weight for r in requests], device=self.device)
+        index = torch.from_numpy(lay.word_index).to(self.device)
+        lam = torch.from_numpy(lay.lam).to(self.device)
         return text, local, index, lam
 
     @torch.no_grad()

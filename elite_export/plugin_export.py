@@ -3,6 +3,7 @@ engines/attention_plugin_spec.py for the wiring TensorRT's parser expects).
 
 The torch op `elite::cross_attention` (engines/attention_op.py) is translated by the dynamo
 exporter into `elite.cross_attention(q, k, v, k_l, v_l, idx:int32) -> (out_g, out_l, m:fp32)`
+(k_l, v_l [B,C,H,Nl,d], idx [B,C]: one local branch per concept; attention_plugin_spec.py)
 with the plugin's attributes; the per-sample max, scale and add that follow stay standard ops.
 `CrossAttentionNode` evaluates the node with onnx.reference for tests (the independent formula).
 """
@@ -77,8 +78,8 @@ class CrossAttentionNode(OpRun):
         scale = q.shape[-1] ** -0.5
         q64, k64, v64, kl64, vl64 = (a.astype(np.float64) for a in (q, k, v, k_l, v_l))
         p = _softmax(q64 @ k64.swapaxes(-1, -2) * scale)  # [B,H,Nq,Nk]
-        p_l = _softmax(q64 @ kl64.swapaxes(-1, -2) * scale)  # [B,H,Nq,Nl]
-        m = np.stack([p[b, :, :, int(i)] for b, i in enumerate(idx)])  # [B,H,Nq]
+        p_l = _softmax(q64[:, None] @ kl64.swapaxes(-1, -2) * scale)  # [B,C,H,Nq,Nl]
+        m = np.stack([np.stack([p[b, :, :, int(i)] for i in row]) for b, row in enumerate(idx)])  # [B,C,H,Nq]
         return (p @ v64).astype(q.dtype), (p_l @ vl64).astype(q.dtype), m.astype(np.float32)
 
 

@@ -4,7 +4,8 @@ Export, parity checks, TensorRT profiles and the runtime's buffer shapes all rea
 restates them. Torch-free (numpy only): the runtime and the engine builder import this module.
 
 Symbols in shapes: B graph batch (for the UNet, 2x the requests: [uncond; cond]), K injected
-words, h/w latent size, Y/X image size in px, and the model dims of `ModelDims` (D, C, T, P, ...).
+words, NC concepts per prompt, h/w latent size, Y/X image size in px, and the model dims of
+`ModelDims` (D, C, T, P, ...).
 """
 from __future__ import annotations
 
@@ -38,16 +39,23 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class ShapeRanges:
-    """Min/opt/max request batch and image side (px) a bundle is built for; min == max is static."""
+    """Min/opt/max request batch, image side (px) and concepts per prompt a bundle is built for;
+    min == max is static. Requests with fewer concepts than a graph runs are padded with absent
+    ones (lambda 0), so the concept minimum only sets what the graphs are tuned for."""
     batch: tuple[int, int, int] = (1, 1, 4)
     size: tuple[int, int, int] = (256, 512, 1024)
+    concepts: tuple[int, int, int] = (1, 1, 3)
 
     @property
     def static(self) -> bool:
-        return self.batch[0] == self.batch[2] and self.size[0] == self.size[2]
+        return self.batch[0] == self.batch[2] and self.size[0] == self.size[2] and self.concepts[0] == self.concepts[2]
+
+    def at_opt(self) -> "ShapeRanges":
+        """Every range fixed at its opt value (static shapes)."""
+        return ShapeRanges((self.batch[1],) * 3, (self.size[1],) * 3, (self.concepts[1],) * 3)
 
     def check(self, model: ModelDims) -> None:
-        for what, (lo, opt, hi) in (("batch", self.batch), ("size", self.size)):
+        for what, (lo, opt, hi) in (("batch", self.batch), ("size", self.size), ("concepts", self.concepts)):
             if not 1 <= lo <= opt <= hi:
                 raise EliteError(f"{what} range {lo}/{opt}/{hi} must satisfy 1 <= min <= opt <= max")
         bad = [s for s in self.size if s % model.size_multiple]
@@ -56,11 +64,11 @@ class ShapeRanges:
                              f"downsamplings need a latent divisible by {model.latent_multiple})")
 
     def to_dict(self) -> dict:
-        return {"batch": list(self.batch), "size": list(self.size)}
+        return {"batch": list(self.batch), "size": list(self.size), "concepts": list(self.concepts)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShapeRanges":
-        return cls(tuple(d["batch"]), tuple(d["size"]))
+        return cls(tuple(d["batch"]), tuple(d["size"]), tuple(d.get("concepts", (1, 1, 1))))
 
 
 @dataclass(frozen=True)
@@ -89,10 +97,11 @@ class GraphSpec:
     k_range: ClassVar[tuple[int, int, int]] = (1, 1, 1)
     model: ModelDims = field(default_factory=ModelDims)
 
-    def dims(self, batch: int, height: int = 512, width: int = 512, k: int = 1) -> dict[str, int]:
-        """Concrete symbols for `batch` requests at height x width px with K words."""
+    def dims(self, batch: int, height: int = 512, width: int = 512, k: int = 1, concepts: int = 1) -> dict[str, int]:
+        """Concrete symbols for `batch` requests at height x width px with K words and `concepts` concepts."""
         m = self.model
-        return {"B": batch * self.batch_factor, "K": k, "h": height // m.vae_factor, "w": width // m.vae_factor,
+        return {"B": batch * self.batch_factor, "K": k, "NC": concepts,
+                "h": height // m.vae_factor, "w": width // m.vae_factor,
                 "Y": height, "X": width, "D": m.text_dim, "C": m.latent_channels, "T": m.tokens,
                 "P": m.patches, "W5": m.words, "I": m.image_size}
 
@@ -109,12 +118,15 @@ class GraphSpec:
             varying |= {"h", "w", "Y", "X"}
         if self.k_range[0] != self.k_range[2]:
             varying.add("K")
+        if ranges.concepts[0] != ranges.concepts[2]:
+            varying.add("NC")
         return {t.name: {i: d for i, d in enumerate(t.shape) if d in varying}
                 for t in self.inputs + self.outputs}
 
     def profile(self, ranges: ShapeRanges) -> dict[str, tuple[tuple[int, ...], ...]]:
         """TensorRT optimization profile: {input: (min shape, opt shape, max shape)}."""
-        points = [self.dims(b, s, s, k) for b, s, k in zip(ranges.batch, ranges.size, self.k_range)]
+        points = [self.dims(b, s, s, k, c) for b, s, k, c in zip(ranges.batch, ranges.size, self.k_range,
+                                                                 ranges.concepts)]
         return {t.name: tuple(self.shape(t, d) for d in points) for t in self.inputs}
 
     def sample_inputs(self, dims: dict[str, int], seed: int = 0) -> dict[str, np.ndarray]:
@@ -145,10 +157,12 @@ class ConceptEncoderSpec(GraphSpec):
 
 
 class TextEncoderSpec(GraphSpec):
-    """CLIP text encoder with K words injected at the placeholder."""
+    """CLIP text encoder with each concept's K words injected at its placeholder.
+
+    placeholder_index [B,NC]: the placeholder's position in the tokenized prompt (T or more: absent)."""
     name = "text_encoder"
-    inputs = (TensorSpec("input_ids", ("B", "T"), "int64"), TensorSpec("words", ("B", "K", "D")),
-              TensorSpec("placeholder_index", ("B",), "int64"))
+    inputs = (TensorSpec("input_ids", ("B", "T"), "int64"), TensorSpec("words", ("B", "NC", "K", "D")),
+              TensorSpec("placeholder_index", ("B", "NC"), "int64"))
     outputs = (TensorSpec("text_embeddings", ("B", "T", "D")),)
     tolerance = {"fp32": Tolerance(1e-4, 1e-3), "fp16": Tolerance(3e-2, 3e-2)}
     k_range = (1, 5, 5)
@@ -159,17 +173,23 @@ class TextEncoderSpec(GraphSpec):
             ids[:, 0] = 49406
             ids[:, 1:12] = rng.integers(0, 49406, (shape[0], 11))
             return ids
-        if t.name == "placeholder_index":
-            return rng.integers(1, 11, shape).astype(np.int64)
+        if t.name == "placeholder_index":  # distinct positions per row; the last concept absent when NC > 2
+            index = np.stack([rng.permutation(np.arange(1, 11))[: shape[1]] for _ in range(shape[0])])
+            if shape[1] > 2:
+                index[:, -1] = self.model.tokens
+            return index.astype(np.int64)
         return rng.standard_normal(shape).astype(np.float32)
 
 
 class UnetSpec(GraphSpec):
-    """The UNet with ELITE cross-attention; rows are [uncond; cond] (lam = 0 on uncond rows)."""
+    """The UNet with ELITE cross-attention; rows are [uncond; cond] (lam = 0 on uncond rows).
+
+    Per row and concept: local_tokens [B,NC,P,D], placeholder_index [B,NC] (the position of the
+    concept's first word in text_embeddings), lam [B,NC] (0: the concept adds nothing)."""
     name = "unet"
     inputs = (TensorSpec("latents", ("B", "C", "h", "w")), TensorSpec("timestep", ("B",)),
-              TensorSpec("text_embeddings", ("B", "T", "D")), TensorSpec("local_tokens", ("B", "P", "D")),
-              TensorSpec("placeholder_index", ("B",), "int64"), TensorSpec("lam", ("B",)))
+              TensorSpec("text_embeddings", ("B", "T", "D")), TensorSpec("local_tokens", ("B", "NC", "P", "D")),
+              TensorSpec("placeholder_index", ("B", "NC"), "int64"), TensorSpec("lam", ("B", "NC")))
     outputs = (TensorSpec("noise_pred", ("B", "C", "h", "w")),)
     tolerance = {"fp32": Tolerance(1e-4, 1e-3), "fp16": Tolerance(5e-2, 5e-2)}
     batch_factor = 2
@@ -179,8 +199,8 @@ class UnetSpec(GraphSpec):
             return np.full(shape, 500.0, dtype=np.float32)
         if t.name == "placeholder_index":
             return rng.integers(1, 11, shape).astype(np.int64)
-        if t.name == "lam":  # first half unconditional
-            lam = np.full(shape, 0.8, dtype=np.float32)
+        if t.name == "lam":  # first half unconditional; concept c of a conditional row: 0.8 * 0.75^c
+            lam = np.tile((0.8 * 0.75 ** np.arange(shape[1])).astype(np.float32), (shape[0], 1))
             lam[: shape[0] // 2] = 0.0
             return lam
         return rng.standard_normal(shape).astype(np.float32)

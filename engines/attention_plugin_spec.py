@@ -19,9 +19,10 @@ Other node attributes are ignored by the parser unless the plugin declares them 
 plugin has none (the softmax scale is head_dim**-0.5, compiled into the kernel).
 
 Inputs, in order: q, k, v, k_l, v_l (all float16, or all float32), idx (int32: cast int64
-positions before the node). Shapes: q [B,H,Nq,d]; k, v [B,H,Nk,d]; k_l, v_l [B,H,Nl,d]; idx [B].
-Outputs, in order: out_g, out_l ([B,H,Nq,d], q's dtype), m ([B,H,Nq], float32).
-d must be static in the engine (the kernel is compiled per head dim); B, Nq, Nk, Nl may be dynamic.
+positions before the node). Shapes: q [B,H,Nq,d]; k, v [B,H,Nk,d]; k_l, v_l [B,C,H,Nl,d] (C
+concepts); idx [B,C]. Outputs, in order: out_g ([B,H,Nq,d]), out_l ([B,C,H,Nq,d]) in q's dtype,
+m ([B,C,H,Nq], float32). d must be static in the engine (the kernel is compiled per head dim);
+B, C, Nq, Nk, Nl may be dynamic.
 """
 
 PLUGIN_NAMESPACE = "elite"

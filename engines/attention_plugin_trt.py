@@ -83,8 +83,12 @@ def register_plugin() -> None:
     def _shapes(
         q: Desc, k: Desc, v: Desc, k_l: Desc, v_l: Desc, idx: Desc
     ) -> Tuple[Desc, Desc, Desc]:
-        m_shape = (q.shape_expr[0], q.shape_expr[1], q.shape_expr[2])  # [B,H,Nq]
-        return q.like(), q.like(), trtp.from_shape_expr(m_shape, dtype=trt.float32)
+        batch, heads, n_queries, head_dim = (q.shape_expr[i] for i in range(4))
+        concepts = k_l.shape_expr[1]
+        out_l_shape = (batch, concepts, heads, n_queries, head_dim)  # [B,C,H,Nq,d]
+        m_shape = (batch, concepts, heads, n_queries)  # [B,C,H,Nq]
+        return (q.like(), trtp.from_shape_expr(out_l_shape, dtype=q.dtype),
+                trtp.from_shape_expr(m_shape, dtype=trt.float32))
 
     @trtp.autotune(PLUGIN_ID)
     def _types(
@@ -117,8 +121,8 @@ def register_plugin() -> None:
         launch.grid_y = batch * heads  # (sample, head) pairs
         launch.block_x = compiled.metadata.num_warps * 32
         launch.shared_mem = compiled.metadata.shared
-        # the kernel's int32 scalars, in order: n_heads, n_queries, n_keys, n_local
-        scalars = (heads, n_queries, k.shape_expr[2], k_l.shape_expr[2])
+        # the kernel's int32 scalars, in order: n_heads, n_queries, n_keys, n_local, n_concepts
+        scalars = (heads, n_queries, k.shape_expr[2], k_l.shape_expr[3], k_l.shape_expr[1])
         extra_args = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in scalars])
         return compiled.metadata.name, compiled.asm["ptx"], launch, extra_args
 

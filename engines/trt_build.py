@@ -60,10 +60,10 @@ class TrtBuildSettings:
 
 
 def engine_profile(spec: GraphSpec, ranges: ShapeRanges, static: bool) -> Profile:
-    """{input: (min, opt, max)} from the spec; static keeps only the opt batch and size (K keeps its
-    range: the text encoder serves both K = 1 and K = 5)."""
+    """{input: (min, opt, max)} from the spec; static keeps only the opt batch, size and concept count
+    (K keeps its range: the text encoder serves both K = 1 and K = 5)."""
     if static:
-        ranges = ShapeRanges((ranges.batch[1],) * 3, (ranges.size[1],) * 3)
+        ranges = ranges.at_opt()
     return spec.profile(ranges)
 
 

@@ -1,8 +1,9 @@
 """Reading a bundle (torch-free). The writer is elite_export/bundle_build.py.
 
 BUNDLE/
-  manifest.json            format version, bundle id, model dims, shape ranges, graphs (spec, files,
-                           sha256), precision settings, tokenizer, scheduler, sources, versions, engines
+  manifest.json            format version, bundle id, model dims, shape ranges (batch, size, concepts),
+                           graphs (spec, files, sha256), precision settings, tokenizer, placeholders
+                           (concept c's word), scheduler, sources, versions, engines
   tokenizer.json           the CLIP tokenizer for the `tokenizers` library
   uncond_embedding.npy     text-encoder output for "" [1,77,D] float32
   onnx/fp32/<graph>.onnx   for ONNX Runtime on the CPU
@@ -25,7 +26,7 @@ from elite_export.errors import EliteError
 from elite_export.specs import GRAPH_NAMES, GraphSpec, ModelDims, ShapeRanges, spec
 
 FORMAT = "elite-export-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: concept axis on the text encoder and UNet, placeholders list
 MANIFEST = "manifest.json"
 
 

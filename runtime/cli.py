@@ -3,6 +3,8 @@
     elite-run --bundle B --image cat.jpg --mask cat_bg.png --prompt "a S on the beach" -o out
     elite-run encode --bundle B --image cat.jpg --mask cat_bg.png -o cat.concept
     elite-run --bundle B --concept cat.concept --prompts prompts.txt --batch-size 4 -o out
+    elite-run --bundle B --concept cat.concept --concept dog.concept --compose \
+        --prompt "a S and a V on the beach" --lambda 0.8 --lambda 0.6 -o out
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import click
 from elite_export.errors import EliteError
 from elite_export.runtime.backends import BACKENDS
 from elite_export.runtime.console import EliteGroup, format_table, progress
-from elite_export.runtime.options import sampling_options, settings_from
+from elite_export.runtime.options import lambdas, sampling_options, settings_from
 
 
 class RunGroup(EliteGroup):
@@ -58,6 +60,7 @@ def slug(text: str) -> str:
 
 
 def load_concepts(gen, images: tuple[str, ...], masks: tuple[str, ...], concept_files: tuple[str, ...]) -> list:
+    """-> concepts: images first, then files, each in the order given."""
     from elite_export.runtime.concept import load_concept_file
 
     if len(images) != len(masks):
@@ -67,6 +70,19 @@ def load_concepts(gen, images: tuple[str, ...], masks: tuple[str, ...], concept_
     if not concepts:
         raise EliteError("give a concept: --image X --mask M, or --concept FILE (from `elite-run encode`)")
     return concepts
+
+
+def make_requests(concepts: list, prompts: list[str], compose: bool, seed: int, mode: str, words: str,
+                  lam: tuple[float, ...]) -> list:
+    """compose: every request carries all the concepts (concept c named by the c-th placeholder);
+    otherwise one concept per request, paired with the prompts as `pair` says."""
+    from elite_export.runtime.requests import Request
+
+    if not compose and len(lam) > 1:
+        raise EliteError(f"{len(lam)} --lambda values: one per concept needs --compose (several concepts in "
+                         "one prompt); without it give one --lambda")
+    groups = [(concepts, p) for p in prompts] if compose else [([c], p) for c, p in pair(concepts, prompts)]
+    return [Request(cs, p, seed + i, mode, words, lambdas(lam)) for i, (cs, p) in enumerate(groups)]
 
 
 backend_option = click.option("--backend", type=click.Choice([*BACKENDS, "torch"]),
@@ -91,6 +107,9 @@ threads_option = click.option("--threads", type=int, default=0, show_default=Tru
 @click.option("--concept", "concept_files", multiple=True, type=click.Path(), help="A .concept file (repeatable).")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt with the placeholder (repeatable).")
 @click.option("--prompts", "prompts_file", type=click.Path(), help="File of prompts, one per line.")
+@click.option("--compose", is_flag=True,
+              help="Every prompt composes all the concepts given: concept c is named by the c-th placeholder "
+                   "(S, V, W); one --lambda for all or one per concept.")
 @sampling_options
 @click.option("--batch-size", type=int, default=None, help="Requests per UNet call (default: the bundle's max).")
 @backend_option
@@ -101,22 +120,23 @@ threads_option = click.option("--threads", type=int, default=0, show_default=Tru
 @click.option("-o", "--output", default="elite_out", show_default=True, type=click.Path(), help="Folder for the PNGs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stage table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, words, lam, scheduler, steps, guidance,
-             seed, height, width, batch_size, backend, device, precision, cuda_graph, threads, output, as_json,
-             quiet) -> None:
-    """Generate images. Request i gets seed SEED + i; each PNG records every setting that made it."""
+def generate(bundle, image, mask, concept_files, prompts, prompts_file, compose, mode, words, lam, scheduler, steps,
+             guidance, seed, height, width, batch_size, backend, device, precision, cuda_graph, threads, output,
+             as_json, quiet) -> None:
+    """Generate images. Request i gets seed SEED + i; each PNG records every setting that made it.
+
+    One concept per image (paired with the prompts), or with --compose every given concept in every
+    prompt: `--image a.jpg --mask a_bg.png --image b.jpg --mask b_bg.png --compose --prompt "a S and a V"`."""
     from elite_export.runtime.generator import Generator
     from elite_export.runtime.images import save_png
-    from elite_export.runtime.requests import Request
     from elite_export.runtime.timing import STAGE_HEADERS
 
     # the graphs load once the inputs are checked
     gen = Generator(bundle, backend, device, threads, load=False, precision=precision, cuda_graph=cuda_graph)
     settings = settings_from(scheduler, steps, guidance, height, width)
     settings.validate(gen.bundle.model, gen.bundle.ranges)
-    requests = [Request(c, p, seed + i, mode, words, lam)
-                for i, (c, p) in enumerate(pair(load_concepts(gen, image, mask, concept_files),
-                                                 read_prompts(prompts, prompts_file)))]
+    concepts = load_concepts(gen, image, mask, concept_files)
+    requests = make_requests(concepts, read_prompts(prompts, prompts_file), compose, seed, mode, words, lam)
     written, failed = [], []
     with progress(steps * len(requests), "denoising", enabled=not quiet) as bar:
         for results in gen.chunks(requests, settings, batch_size, on_step=lambda i, n, rows: bar.update(rows)):

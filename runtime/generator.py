@@ -28,6 +28,7 @@ import numpy as np
 
 from elite_export.errors import EliteError
 from elite_export.runtime.bundle import Bundle
+from elite_export.runtime.composition import layout
 from elite_export.runtime.images import png_bytes
 from elite_export.runtime.preprocess import ConceptInputs, Source, concept_inputs, load_concept
 from elite_export.runtime.prompt import PromptTokenizer
@@ -56,7 +57,7 @@ def open_pipeline(bundle: Bundle, backend: str, device: str, threads: int, preci
         from elite_export.parity import reference_models
         from elite_export.pipeline import ElitePipeline
 
-        return ElitePipeline(reference_models(bundle), placeholder=bundle.manifest["placeholder"])
+        return ElitePipeline(reference_models(bundle), placeholders=tuple(bundle.manifest["placeholders"]))
     from elite_export.runtime.pipeline import RuntimePipeline, open_runners
 
     return RuntimePipeline(bundle, open_runners(bundle, backend, device, threads,
@@ -77,8 +78,8 @@ class Generator:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.backend, self.device, self.threads = backend, device, threads
         self.precision, self.cuda_graph = precision, cuda_graph
-        self.placeholder = self.bundle.manifest["placeholder"]
-        self.tokenizer = PromptTokenizer.from_file(self.bundle.tokenizer_path(), self.placeholder)
+        self.placeholders = tuple(self.bundle.manifest["placeholders"])  # concept c is named by the c-th
+        self.tokenizer = PromptTokenizer.from_file(self.bundle.tokenizer_path(), self.placeholders)
         self.timer = StageTimer()  # every stage of every call since the last take_timer()
         self._pipeline = None
         if load:
@@ -119,13 +120,14 @@ class Generator:
     # -- generation -------------------------------------------------------------------------------
     def validate(self, requests: list[Request], settings: GenerationSettings) -> None:
         """Every user error a pipeline call would raise, raised before any graph runs (EliteError): the
-        runtime's own checks (GenerationSettings.validate, Request.validate), the placeholder in each
-        prompt, and local mode against this bundle."""
+        runtime's own checks (GenerationSettings.validate, Request.validate), each prompt's placeholders
+        for its concepts within this bundle's concept range, and local mode against this bundle."""
         settings.validate(self.bundle.model, self.bundle.ranges)
         validate_requests(requests)
+        lo, _, hi = self.bundle.ranges.concepts
         for i, q in enumerate(requests):
             try:
-                self.tokenizer.placeholder_index(q.prompt)
+                layout([q], self.tokenizer, lo, hi)
             except EliteError as e:
                 raise EliteError(f"request {i}: {e}" if len(requests) > 1 else str(e)) from None
         if any(q.mode == "local" for q in requests) and not self.bundle.manifest["has_local_mapper"]:
@@ -133,10 +135,12 @@ class Generator:
 
     def meta(self, request: Request, settings: GenerationSettings) -> dict:
         """What the PNG of `request` records (elite-run and the service alike)."""
-        c = request.concept
+        sources = [getattr(c, "source", "") for c in request.concepts]
+        ids = [getattr(c, "id", "") for c in request.concepts]
+        one = len(sources) == 1
         return {**request.meta(), **settings.to_dict(), "backend": self.backend, "device": self.device,
-                "bundle_id": self.bundle.id,
-                "concept": getattr(c, "source", ""), "concept_id": getattr(c, "id", "")}
+                "bundle_id": self.bundle.id, "concept": sources[0] if one else sources,
+                "concept_id": ids[0] if one else ids}
 
     def chunks(self, requests: list[Request], settings: GenerationSettings, batch_size: int | None = None,
                on_step: Callable[[int, int, int], None] | None = None) -> Iterator[list[Result]]:
@@ -183,7 +187,7 @@ class Generator:
         mask[16:48, 16:48] = True
         concept = self.encode_inputs(concept_inputs(image, mask, "warm-up"))
         mode = "local" if self.bundle.manifest["has_local_mapper"] else "global"
-        request = Request(concept, f"a {self.placeholder}", 0, mode=mode)
+        request = Request(concept, f"a {self.placeholders[0]}", 0, mode=mode)
         self.pipeline([request], GenerationSettings(steps=1, height=size, width=size))
         self._collect_timer()
         self.take_timer()

@@ -17,8 +17,9 @@ def sampling_options(fn: Callable) -> Callable:
                      help="local: word w0 + the local branch (object detail); global: words only."),
         click.option("--words", type=click.Choice(WORD_CHOICES), default="all", show_default=True,
                      help="Global mode: inject all five words or one of them (0 = shallowest)."),
-        click.option("--lambda", "lam", type=float, default=DEFAULT_LAMBDA, show_default=True,
-                     help="Local branch weight (the paper: 0.8; 0.6 for editing prompts)."),
+        click.option("--lambda", "lam", type=float, multiple=True,
+                     help=f"Local branch weight (default {DEFAULT_LAMBDA}, the paper's; 0.6 for editing prompts). "
+                          "Repeat to give one per concept when composing several."),
         click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), default=DEFAULT_SCHEDULER, show_default=True,
                      help="lms is the paper's sampler."),
         click.option("--steps", type=int, default=DEFAULT_STEPS, show_default=True),
@@ -32,6 +33,11 @@ def sampling_options(fn: Callable) -> Callable:
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
+
+
+def lambdas(values: tuple[float, ...]) -> float | list[float] | None:
+    """--lambda values -> Request.lams: none (the default for every concept), one for all, or one per concept."""
+    return None if not values else values[0] if len(values) == 1 else list(values)
 
 
 def settings_from(scheduler: str, steps: int, guidance: float, height: int, width: int) -> GenerationSettings:

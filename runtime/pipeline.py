@@ -1,8 +1,10 @@
 """ELITE generation entirely through a bundle's graphs (no torch, diffusers or transformers).
 
 Per batch of requests: concept encoder once per concept (skipped for .concept files), text encoder
-once per number of injected words, then one UNet call per step on [uncond; cond] rows (lambda = 0
-on uncond rows), the numpy scheduler, and the VAE decoder. Noise is torch.randn's, bit for bit.
+once per number of injected words, then one UNet call per step on [uncond; cond] rows (every lambda
+0 on uncond rows), the numpy scheduler, and the VAE decoder. Noise is torch.randn's, bit for bit.
+Requests may carry several concepts each: the graphs run the batch's largest count, the other rows
+padded with absent concepts (composition.py), so each row gets what it would get alone.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 from elite_export.errors import EliteError
 from elite_export.runtime.backends import GraphRunner
 from elite_export.runtime.bundle import Bundle
+from elite_export.runtime.composition import ConceptLayout, layout
 from elite_export.runtime.noise import randn
 from elite_export.runtime.preprocess import ConceptInputs
 from elite_export.runtime.prompt import PromptTokenizer
@@ -51,7 +54,7 @@ class RuntimePipeline:
     def __init__(self, bundle: Bundle, runners: dict[str, GraphRunner]):
         self.bundle, self.runners = bundle, runners
         self.model, self.ranges = bundle.model, bundle.ranges
-        self.tokenizer = PromptTokenizer.from_file(bundle.tokenizer_path(), bundle.manifest["placeholder"])
+        self.tokenizer = PromptTokenizer.from_file(bundle.tokenizer_path(), bundle.manifest["placeholders"])
         self.uncond = bundle.unconditional_embedding()  # [1,77,D]
         self.timer = StageTimer()
 
@@ -92,21 +95,30 @@ class RuntimePipeline:
             words[i], local[i] = out["words"][0], out["local_tokens"][0]
         return words, local
 
-    def encode_text(self, requests: list[Request], words: np.ndarray) -> np.ndarray:
-        """Conditional text embeddings [n,77,D]: one text-encoder call per number of words K."""
+    def layout(self, requests: list[Request]) -> ConceptLayout:
+        """The batch's concepts on the graphs' concept axis, within the bundle's concept range."""
+        lo, _, hi = self.ranges.concepts
+        return layout(requests, self.tokenizer, lo, hi)
+
+    def encode_text(self, requests: list[Request], words: np.ndarray, lay: ConceptLayout | None = None) -> np.ndarray:
+        """Conditional text embeddings [n,77,D]: one text-encoder call per number of words K.
+
+        words: [len(lay.concepts),5,D], the requests' concepts in order (encode_concepts(lay.concepts))."""
+        lay = lay or self.layout(requests)
         n, spec = len(requests), self.bundle.spec("text_encoder")
         text = np.empty((n, self.model.tokens, self.model.text_dim), np.float32)
+        per_slot = lay.take(words)  # [n,C,5,D]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(r.words_slice, []).append(i)
         for (lo, hi), rows in groups.items():
             b = self.batch_size(len(rows))
             pad = rows + [rows[-1]] * (b - len(rows))
-            encoded = [self.tokenizer.encode(requests[i].prompt) for i in pad]
-            inputs = {"input_ids": np.stack([ids for ids, _ in encoded]),
-                      "words": np.ascontiguousarray(words[pad, lo:hi]),
-                      "placeholder_index": np.array([idx for _, idx in encoded], np.int64)}
-            text[rows] = self.run("text_encoder", inputs, spec.dims(b, k=hi - lo))["text_embeddings"][: len(rows)]
+            inputs = {"input_ids": np.stack([self.tokenizer.ids(requests[i].prompt) for i in pad]),
+                      "words": np.ascontiguousarray(per_slot[pad, :, lo:hi]),  # [b,C,K,D]
+                      "placeholder_index": lay.text_index[pad]}  # [b,C]
+            dims = spec.dims(b, k=hi - lo, concepts=lay.num_concepts)
+            text[rows] = self.run("text_encoder", inputs, dims)["text_embeddings"][: len(rows)]
         return text
 
     def __call__(self, requests: list[Request], settings: GenerationSettings,
@@ -124,23 +136,24 @@ class RuntimePipeline:
         n = len(requests)
         b = self.batch_size(n)
         t_start = time.perf_counter()
-        index = [self.tokenizer.placeholder_index(q.prompt) for q in requests]  # user errors before any graph
+        lay = self.layout(requests)  # user errors (placeholders, concept counts) before any graph
         result = GenerationResult(np.zeros((n, settings.height, settings.width, 3), np.uint8), [None] * n)
-        words, local = self.encode_concepts([q.concept for q in requests])
-        result.fail(finite_rows(words) & finite_rows(local), "concept encoder: NaN/inf in the words or local tokens")
-        text = self.encode_text(requests, words)
+        words, local = self.encode_concepts(lay.concepts)
+        result.fail(lay.rows_ok(finite_rows(words) & finite_rows(local)),
+                    "concept encoder: NaN/inf in the words or local tokens")
+        text = self.encode_text(requests, words, lay)
         result.fail(finite_rows(text), "text encoder: NaN/inf in the text embeddings")
+        local = lay.take(local)  # [n,C,P,D]
         pad = list(range(n)) + [n - 1] * (b - n)
-        idx = np.array([index[i] for i in pad], np.int64)
-        lam = np.array([requests[i].local_weight for i in pad], np.float32)
+        idx, lam = lay.word_index[pad], lay.lam[pad]  # [b,C]
         unet_spec, h, w = self.bundle.spec("unet"), settings.height // m.vae_factor, settings.width // m.vae_factor
-        dims = unet_spec.dims(b, settings.height, settings.width)
+        dims = unet_spec.dims(b, settings.height, settings.width, concepts=lay.num_concepts)
         feed = {"latents": np.empty((2 * b, m.latent_channels, h, w), np.float32),
                 "timestep": np.empty(2 * b, np.float32),
                 "text_embeddings": np.concatenate([np.repeat(self.uncond, b, axis=0), text[pad]]),
-                "local_tokens": np.concatenate([local[pad], local[pad]]),
-                "placeholder_index": np.concatenate([idx, idx]),
-                "lam": np.concatenate([np.zeros(b, np.float32), lam])}
+                "local_tokens": np.concatenate([local[pad], local[pad]]),  # [2b,C,P,D]
+                "placeholder_index": np.concatenate([idx, idx]),  # [2b,C]
+                "lam": np.concatenate([np.zeros_like(lam), lam])}  # [2b,C]: 0 on unconditional rows
         step_feed = {k: feed.pop(k) for k in STEP_INPUTS}
         unet = self.runners["unet"].bind(feed, dims)  # the conditioning: on a device, uploaded once here
         scheduler = make_scheduler(settings.scheduler, self.bundle.manifest["scheduler_config"], settings.steps)

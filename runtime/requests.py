@@ -97,43 +97,87 @@ class EncodedConcept:
     id: str = ""  # the concept id of the image and mask it was encoded from (preprocess.concept_id)
 
 
+Concept = ConceptInputs | EncodedConcept
+
+
 @dataclass
 class Request:
-    """One image to generate: a row of a batch."""
-    concept: ConceptInputs | EncodedConcept
+    """One image to generate: a row of a batch. Its prompt names concept c by the c-th placeholder
+    (S, V, W by default), and concept c's local branch has weight lams[c].
+
+    Request(concepts=[cat, dog], prompt="a S and a V on the beach", seed=0, lams=[0.8, 0.6]).
+    One concept may be given bare (Request(cat, "a S", 0, lams=0.8) is Request([cat], ..., lams=[0.8]));
+    lams=None gives every concept DEFAULT_LAMBDA."""
+    concepts: list[Concept]
     prompt: str
     seed: int
     mode: str = "local"  # local: w0 + local branch; global: words, no local branch
     words: str = "all"  # global mode: "all" or "0".."4"
-    lam: float = DEFAULT_LAMBDA
+    lams: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.concepts, (ConceptInputs, EncodedConcept)):
+            self.concepts = [self.concepts]
+        self.concepts = list(self.concepts)
+        if not self.concepts:
+            raise EliteError("a request needs at least one concept")
+        if self.lams is None:
+            self.lams = [DEFAULT_LAMBDA] * len(self.concepts)
+        elif isinstance(self.lams, (int, float)):
+            self.lams = [float(self.lams)] * len(self.concepts)
+        self.lams = [float(x) for x in self.lams]
+        if len(self.lams) != len(self.concepts):
+            raise EliteError(f"{len(self.lams)} lambdas for {len(self.concepts)} concepts: give one lambda, "
+                             "or one per concept")
+
+    @property
+    def concept(self) -> Concept:
+        """The request's only concept (single-concept code paths)."""
+        if len(self.concepts) != 1:
+            raise ValueError(f"this request has {len(self.concepts)} concepts; use .concepts")
+        return self.concepts[0]
+
+    @property
+    def lam(self) -> float:
+        """The only concept's lambda (single-concept code paths)."""
+        if len(self.lams) != 1:
+            raise ValueError(f"this request has {len(self.lams)} concepts; use .lams")
+        return self.lams[0]
 
     def validate(self) -> None:
-        """EliteError (one line: what is allowed) unless every field is usable. The placeholder in
-        the prompt is checked by the pipeline's tokenizer (it needs the bundle's vocabulary)."""
+        """EliteError (one line: what is allowed) unless every field is usable. The placeholders in
+        the prompt are checked by the pipeline's tokenizer (it needs the bundle's vocabulary)."""
         words_slice(self.mode, self.words)
-        check_number("lambda", self.lam, *LAMBDA_RANGE)
+        for lam in self.lams:
+            check_number("lambda", lam, *LAMBDA_RANGE)
         check_seed(self.seed)
         if not isinstance(self.prompt, str):
             raise EliteError(f"prompt must be a string, got {type(self.prompt).__name__}")
-        c = self.concept
-        if isinstance(c, EncodedConcept):
-            if not all(np.isfinite(a).all() for a in (c.words, c.local_tokens)):
-                what = f"concept {c.source!r}" if c.source else "the encoded concept"
-                raise EliteError(f"{what} holds NaN or inf values; re-encode it with `elite-run encode`")
-        elif not all(np.isfinite(a).all() for a in (c.pixels, c.object_pixels, c.mask)):
-            raise EliteError("the concept image's arrays hold NaN or inf values")
+        for c in self.concepts:
+            if isinstance(c, EncodedConcept):
+                if not all(np.isfinite(a).all() for a in (c.words, c.local_tokens)):
+                    what = f"concept {c.source!r}" if c.source else "the encoded concept"
+                    raise EliteError(f"{what} holds NaN or inf values; re-encode it with `elite-run encode`")
+            elif not all(np.isfinite(a).all() for a in (c.pixels, c.object_pixels, c.mask)):
+                raise EliteError("the concept image's arrays hold NaN or inf values")
 
     @property
     def words_slice(self) -> tuple[int, int]:
         return words_slice(self.mode, self.words)
 
     @property
-    def local_weight(self) -> float:
-        """lambda on the conditional row: the local branch runs in local mode only."""
-        return self.lam if self.mode == "local" else 0.0
+    def num_words(self) -> int:
+        lo, hi = self.words_slice
+        return hi - lo
+
+    @property
+    def local_weights(self) -> list[float]:
+        """lambda of each concept on the conditional row: the local branch runs in local mode only."""
+        return list(self.lams) if self.mode == "local" else [0.0] * len(self.lams)
 
     def meta(self) -> dict:
-        return {"prompt": self.prompt, "seed": self.seed, "mode": self.mode, "words": self.words, "lambda": self.lam}
+        lam: float | list[float] = self.lams[0] if len(self.lams) == 1 else list(self.lams)
+        return {"prompt": self.prompt, "seed": self.seed, "mode": self.mode, "words": self.words, "lambda": lam}
 
 
 def validate_requests(requests: list[Request]) -> None:

@@ -1,7 +1,7 @@
 """Launch the ahead-of-time compiled attention kernel the way a TensorRT AOT plugin does, on a GPU
 without TensorRT: PTX loaded by the CUDA driver (cuModuleLoadData), arguments (input pointers,
 int32 scalars, output pointers) followed by null for Triton's hidden scratch pointers, grid
-(cdiv(Nq, block_m), B*H), block num_warps*32, dynamic shared memory from the compile metadata
+(cdiv(Nq, block_m), B*H) with two concepts, block num_warps*32, dynamic shared memory from the compile metadata
 (opted in above 48 KiB). Compares with the fp32 formula.
 
     python scripts/gpu_aot_launch_check.py
@@ -20,6 +20,7 @@ CASES = [  # dtype, B, H, Nq, d
     ("fp16", 2, 8, 64, 160), ("fp32", 2, 2, 77, 40),
 ]
 N_KEYS, N_LOCAL = 77, 256
+CONCEPTS = 2  # two local branches per launch: the kernel's concept loop and [B,C,...] strides
 SHARED_OPT_IN_ABOVE = 48 * 1024
 CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
@@ -55,10 +56,12 @@ def launch_like_tensorrt(cuda, attention_kernel, inputs, dtype: str):
     config = attention_kernel.default_config(head_dim)
     compiled = attention_kernel.compile_ahead_of_time(dtype, head_dim, config)
     function = load_kernel(cuda, compiled)
-    out_g, out_l = torch.empty_like(q), torch.empty_like(q)
-    m = torch.empty((batch, heads, n_queries), dtype=torch.float32, device=q.device)
+    concepts = k_l.shape[1]
+    out_g = torch.empty_like(q)
+    out_l = q.new_empty((batch, concepts, heads, n_queries, head_dim))
+    m = torch.empty((batch, concepts, heads, n_queries), dtype=torch.float32, device=q.device)
     pointers = [ctypes.c_void_p(t.data_ptr()) for t in (q, k, v, k_l, v_l, idx)]
-    scalars = [ctypes.c_int32(n) for n in (heads, n_queries, k.shape[2], k_l.shape[2])]
+    scalars = [ctypes.c_int32(n) for n in (heads, n_queries, k.shape[2], k_l.shape[3], concepts)]
     outputs = [ctypes.c_void_p(t.data_ptr()) for t in (out_g, out_l, m)]
     hidden = [ctypes.c_void_p(0), ctypes.c_void_p(0)]  # global and profile scratch: null
     args = pointers + scalars + outputs + hidden
@@ -82,11 +85,11 @@ def main() -> int:
     for dtype, batch, heads, n_queries, head_dim in CASES:
         torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
         gen = torch.Generator().manual_seed(0)
-        shapes = [(n_queries, head_dim), (N_KEYS, head_dim), (N_KEYS, head_dim),
-                  (N_LOCAL, head_dim), (N_LOCAL, head_dim)]
-        tensors = [torch.randn(batch, heads, *s, generator=gen).to("cuda", torch_dtype)
-                   for s in shapes]
-        idx = torch.tensor([2, 76][:batch], dtype=torch.int32, device="cuda")
+        shapes = [(batch, heads, n_queries, head_dim), (batch, heads, N_KEYS, head_dim),
+                  (batch, heads, N_KEYS, head_dim), (batch, CONCEPTS, heads, N_LOCAL, head_dim),
+                  (batch, CONCEPTS, heads, N_LOCAL, head_dim)]
+        tensors = [torch.randn(*s, generator=gen).to("cuda", torch_dtype) for s in shapes]
+        idx = torch.tensor([[2, 40], [76, 5]][:batch], dtype=torch.int32, device="cuda")[:, :CONCEPTS]
         inputs = [*tensors, idx]
         got, shared = launch_like_tensorrt(cuda, attention_kernel, inputs, dtype)
         ref = attention_op.reference_cross_attention(*inputs)

@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--sweep", action="store_true", help="also time kernel block configs")
+    parser.add_argument("--concepts", type=int, default=1, help="concepts per sample (local branches)")
     return parser.parse_args(argv)
 
 
@@ -58,31 +59,38 @@ def import_attention():
     return attention_kernel, attention_op
 
 
-def make_inputs(n_queries, head_dim, batch, heads, device, seed=0):
+def make_inputs(n_queries, head_dim, batch, heads, device, seed=0, concepts=1):
+    """q [B,H,Nq,d]; k, v [B,H,77,d]; k_l, v_l [B,C,H,256,d]; idx [B,C] (concept c of sample b at IDX[b]+3c)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    shapes = [(n_queries, head_dim), (N_KEYS, head_dim), (N_KEYS, head_dim),
-              (N_LOCAL, head_dim), (N_LOCAL, head_dim)]
-    tensors = [torch.randn(batch, heads, *s, generator=gen).half().to(device) for s in shapes]
-    idx = torch.tensor(IDX[:batch], dtype=torch.int32, device=device)
+    shapes = [(batch, heads, n_queries, head_dim), (batch, heads, N_KEYS, head_dim), (batch, heads, N_KEYS, head_dim),
+              (batch, concepts, heads, N_LOCAL, head_dim), (batch, concepts, heads, N_LOCAL, head_dim)]
+    tensors = [torch.randn(*s, generator=gen).half().to(device) for s in shapes]
+    idx = torch.tensor([[IDX[b] + 3 * c for c in range(concepts)] for b in range(batch)], dtype=torch.int32,
+                       device=device)
     return [*tensors, idx]
+
+
+def pick_columns(probs_or_scores, idx):
+    """[B,H,Nq,Nk] at column idx[b,c] -> [B,C,H,Nq]."""
+    B, H, Nq, _ = probs_or_scores.shape
+    pick = idx.long()[:, None, None, :].expand(B, H, Nq, idx.shape[1])
+    return probs_or_scores.gather(-1, pick).permute(0, 3, 1, 2)
 
 
 def two_sdpa(q, k, v, k_l, v_l, idx):
     out_g = F.scaled_dot_product_attention(q, k, v)
-    out_l = F.scaled_dot_product_attention(q, k_l, v_l)
+    q_c = q.unsqueeze(1).expand(-1, k_l.shape[1], -1, -1, -1)  # [B,C,H,Nq,d]
+    out_l = F.scaled_dot_product_attention(q_c, k_l, v_l)  # [B,C,H,Nq,d]
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # [B,H,Nq,Nk]
-    pick = idx.long()[:, None, None, None].expand(-1, q.shape[1], q.shape[2], 1)
-    m = (scores.gather(-1, pick).squeeze(-1) - scores.logsumexp(dim=-1)).exp()  # [B,H,Nq]
+    m = (pick_columns(scores, idx) - scores.logsumexp(dim=-1).unsqueeze(1)).exp()  # [B,C,H,Nq]
     return out_g, out_l, m
 
 
 def naive(q, k, v, k_l, v_l, idx):
     scale = q.shape[-1] ** -0.5
     probs = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1)  # [B,H,Nq,Nk]
-    probs_l = torch.softmax((q @ k_l.transpose(-1, -2)).float() * scale, dim=-1)  # [B,H,Nq,Nl]
-    batch = torch.arange(q.shape[0], device=q.device)
-    m = probs[batch, :, :, idx.long()]  # [B,H,Nq]
-    return probs.to(q.dtype) @ v, probs_l.to(q.dtype) @ v_l, m
+    probs_l = torch.softmax((q.unsqueeze(1) @ k_l.transpose(-1, -2)).float() * scale, dim=-1)  # [B,C,H,Nq,Nl]
+    return probs.to(q.dtype) @ v, probs_l.to(q.dtype) @ v_l, pick_columns(probs, idx)
 
 
 def max_err(got, want):
@@ -90,7 +98,7 @@ def max_err(got, want):
 
 
 def accuracy(kernel_fn, attention_op, inputs):
-    lam = torch.full((inputs[0].shape[0],), LAM, device=inputs[0].device)
+    lam = torch.full(inputs[5].shape, LAM, device=inputs[0].device)  # [B,C]
     combine = attention_op.combine_elite_output
     ref = attention_op.reference_cross_attention(*[t.float() for t in inputs[:5]], inputs[5])
     ref_combined = combine(*ref, lam)
@@ -196,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or "cpu",
         "torch": torch.__version__, "triton": triton.__version__, "tiny": args.tiny,
         "batch": batch, "heads": heads, "n_keys": N_KEYS, "n_local": N_LOCAL, "idx": IDX,
+        "concepts": args.concepts,
         "baselines": BASELINE_NOTE, "results": [],
     }
     started = time.time()
     try:
         for n_queries, head_dim in shapes:
-            inputs = make_inputs(n_queries, head_dim, batch, heads, device)
+            inputs = make_inputs(n_queries, head_dim, batch, heads, device, concepts=args.concepts)
             row: dict = {"n_queries": n_queries, "head_dim": head_dim,
                          "config": vars(attention_kernel.default_config(head_dim))}
             try:

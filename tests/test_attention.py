@@ -83,6 +83,6 @@ def test_underflowing_placeholder_attention_gives_no_nan_in_fp16_math():
     """m and its max are fp32: a row whose placeholder attention is exactly 0 stays finite."""
     from elite_export.engines.attention_op import LocalScale
 
-    p_index = torch.zeros(1, H, NQ, dtype=torch.float16)
-    scale = LocalScale()(p_index, torch.zeros(1))
+    p_index = torch.zeros(1, 1, H, NQ, dtype=torch.float16)  # [B,C,H,Nq]
+    scale = LocalScale()(p_index, torch.zeros(1, 1))
     assert torch.isfinite(scale).all() and scale.abs().max() == 0

@@ -28,16 +28,16 @@ def checker(bundle):
     return ParityChecker(bundle, ("fp32", "fp16"))
 
 
-# (requests, height, width, K): two batch sizes, two resolutions, one non-square
-POINTS = [(1, 256, 256, 1), (3, 384, 512, 5)]
+# (requests, height, width, K, concepts): two batch sizes, two resolutions, one non-square, 1 and 3 concepts
+POINTS = [(1, 256, 256, 1, 1), (3, 384, 512, 5, 3), (2, 256, 320, 1, 2)]
 
 
 @pytest.mark.parametrize("graph", GRAPH_NAMES)
-@pytest.mark.parametrize("point", POINTS, ids=["b1-256sq-K1", "b3-384x512-K5"])
+@pytest.mark.parametrize("point", POINTS, ids=["b1-256sq-K1-C1", "b3-384x512-K5-C3", "b2-256x320-K1-C2"])
 def test_graph_matches_reference(bundle, checker, graph, point):
-    b, h, w, k = point
+    b, h, w, k, c = point
     spec = bundle.spec(graph)
-    dims = spec.dims(b, h, w, k)
+    dims = spec.dims(b, h, w, k, c)
     rows = checker.check(Case(graph, str(point), dims, spec.sample_inputs(dims, seed=b)))
     assert {r.precision for r in rows} == {"fp32", "fp16"} and len(rows) == 2 * len(spec.outputs)
     for r in rows:
@@ -52,7 +52,7 @@ def test_unet_lambda_zero_rows_are_the_reference_unconditional_output(bundle, ch
     spec = bundle.spec("unet")
     dims = spec.dims(2, 256, 320)
     x = spec.sample_inputs(dims, seed=5)
-    x["lam"][:] = 0.0
+    x["lam"][:] = 0.0  # every concept of every row
     got = OrtRunner(spec, bundle.graph_path("unet"))
     out = got.run(x, dims)["noise_pred"]
     unet = checker.models.unet

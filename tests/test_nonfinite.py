@@ -79,7 +79,7 @@ def test_reference_a_nan_row_fails_alone(toy_pipeline):
 
 
 def poison_unet(bundle_dir, placeholder_index: int) -> None:
-    """Make the fp32 UNet's noise prediction NaN on rows whose placeholder sits at `placeholder_index`
+    """Make the fp32 UNet's noise prediction NaN on rows whose (first) placeholder sits at `placeholder_index`
     (x * 1 elsewhere: other rows exactly as before); update the manifest's hash and size."""
     b = Bundle.open(str(bundle_dir))
     entry = b.graph_file("unet", "fp32")
@@ -91,8 +91,10 @@ def poison_unet(bundle_dir, placeholder_index: int) -> None:
     g.initializer.extend([helper.make_tensor("poison_at", TensorProto.INT64, [], [placeholder_index]),
                           helper.make_tensor("poison_nan", TensorProto.FLOAT, [], [float("nan")]),
                           helper.make_tensor("poison_one", TensorProto.FLOAT, [], [1.0]),
-                          helper.make_tensor("poison_shape", TensorProto.INT64, [4], [-1, 1, 1, 1])])
-    g.node.extend([helper.make_node("Equal", ["placeholder_index", "poison_at"], ["poison_rows"]),  # [B]
+                          helper.make_tensor("poison_shape", TensorProto.INT64, [4], [-1, 1, 1, 1]),
+                          helper.make_tensor("poison_first", TensorProto.INT64, [], [0])])
+    g.node.extend([helper.make_node("Gather", ["placeholder_index", "poison_first"], ["poison_index"], axis=1),
+                   helper.make_node("Equal", ["poison_index", "poison_at"], ["poison_rows"]),  # [B]: concept 1's
                    helper.make_node("Where", ["poison_rows", "poison_nan", "poison_one"], ["poison_factor"]),
                    helper.make_node("Reshape", ["poison_factor", "poison_shape"], ["poison_b1"]),  # [B,1,1,1]
                    helper.make_node("Mul", ["noise_pred_clean", "poison_b1"], ["noise_pred"])])

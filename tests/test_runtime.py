@@ -52,7 +52,7 @@ def test_a_batch_gives_each_request_its_single_request_image(toy_bundle):
     pipe = RuntimePipeline(bundle, open_runners(bundle))
     a, b = load_concept(*concept_files(7)), load_concept(*concept_files(1))
     requests = [Request(a, "a S in the style of Van Gogh", 1), Request(b, "a photo of a S", 2, mode="global"),
-                Request(a, "a S on the beach", 3, mode="global", words="3", lam=0.6)]
+                Request(a, "a S on the beach", 3, mode="global", words="3", lams=0.6)]
     settings = GenerationSettings(steps=6, height=256, width=256)
     result = pipe(requests, settings)
     assert result.errors == [None] * 3

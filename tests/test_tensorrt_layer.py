@@ -138,20 +138,22 @@ def test_unet_profile_doubles_the_batch_and_divides_pixels_by_8():
     profile = engine_profile(UnetSpec(ModelDims()), ShapeRanges(batch=(1, 2, 4), size=(256, 512, 1024)), False)
     assert profile["latents"] == ((2, 4, 32, 32), (4, 4, 64, 64), (8, 4, 128, 128))  # N = 2B, latent = px/8
     assert profile["text_embeddings"] == ((2, 77, 768), (4, 77, 768), (8, 77, 768))
-    assert profile["local_tokens"] == ((2, 256, 768), (4, 256, 768), (8, 256, 768))
-    assert profile["placeholder_index"] == ((2,), (4,), (8,)) and profile["lam"] == ((2,), (4,), (8,))
+    # the concept axis: 1 (min, opt) to 3 (max) concepts per prompt by default
+    assert profile["local_tokens"] == ((2, 1, 256, 768), (4, 1, 256, 768), (8, 3, 256, 768))
+    assert profile["placeholder_index"] == ((2, 1), (4, 1), (8, 3)) and profile["lam"] == ((2, 1), (4, 1), (8, 3))
     assert set(profile) == {t.name for t in UnetSpec.inputs}
 
 
 def test_static_profiles_keep_the_opt_point():
-    ranges = ShapeRanges(batch=(1, 2, 4), size=(256, 512, 1024))
+    ranges = ShapeRanges(batch=(1, 2, 4), size=(256, 512, 1024), concepts=(1, 2, 3))
     unet = engine_profile(UnetSpec(ModelDims()), ranges, static=True)
     assert all(lo == opt == hi for lo, opt, hi in unet.values()) and unet["latents"][0] == (4, 4, 64, 64)
+    assert unet["local_tokens"][0] == (4, 2, 256, 768)  # the opt concept count
     text = engine_profile(TextEncoderSpec(ModelDims()), ranges, static=True)
-    assert text["words"] == ((2, 1, 768), (2, 5, 768), (2, 5, 768))  # K keeps its range: K=1 and K=5 modes
+    assert text["words"] == ((2, 2, 1, 768), (2, 2, 5, 768), (2, 2, 5, 768))  # K keeps its range: K=1 and K=5
     assert text["input_ids"] == ((2, 77),) * 3
-    # a bundle built for one batch and size is static without the flag
-    fixed = ShapeRanges(batch=(2, 2, 2), size=(512, 512, 512))
+    # a bundle built for one batch, size and concept count is static without the flag
+    fixed = ShapeRanges(batch=(2, 2, 2), size=(512, 512, 512), concepts=(2, 2, 2))
     assert engine_profile(UnetSpec(ModelDims()), fixed, False) == engine_profile(UnetSpec(ModelDims()), ranges, True)
     vae = engine_profile(VaeDecoderSpec(ModelDims()), ranges, static=False)
     assert vae == {"latents": ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 128, 128))}
@@ -161,8 +163,9 @@ def test_static_profiles_keep_the_opt_point():
 
 def test_profiles_follow_model_dims():
     dims = replace(ModelDims(), text_dim=32, patches=16)
-    profile = engine_profile(UnetSpec(dims), ShapeRanges(batch=(1, 1, 1), size=(64, 64, 64)), False)
-    assert profile["local_tokens"] == ((2, 16, 32),) * 3 and profile["latents"] == ((2, 4, 8, 8),) * 3
+    profile = engine_profile(UnetSpec(dims), ShapeRanges(batch=(1, 1, 1), size=(64, 64, 64), concepts=(2, 2, 2)),
+                             False)
+    assert profile["local_tokens"] == ((2, 2, 16, 32),) * 3 and profile["latents"] == ((2, 4, 8, 8),) * 3
 
 
 # --- plugin detection and engine keys ------------------------------------------------------------

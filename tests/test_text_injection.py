@@ -75,7 +75,7 @@ def test_placeholder_index_and_errors(tok):
     with pytest.raises(EliteError, match="past the 76"):
         tok.placeholder_index("word " * 80 + "S")
     with pytest.raises(EliteError, match="one token"):
-        PromptTokenizer(tok.tokenizer, placeholder="xyzzyplugh")
+        PromptTokenizer(tok.tokenizer, "xyzzyplugh")
 
 
 @torch.no_grad()

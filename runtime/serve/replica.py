@@ -99,8 +99,8 @@ class Replica:
         return {"ready": True, "replica": self.replica_id, "pid": self.pid, "bundle_id": b.id,
                 "backend": self.opts.backend, "device": self.opts.device, "max_batch": self.max_batch,
                 "batch_wait_ms": self.opts.batch_wait_ms, "max_queue": self.opts.max_queue,
-                "timeout_s": self.opts.timeout_s, "sizes": list(b.ranges.size), "placeholder": self.gen.placeholder,
-                "local_mode": bool(b.manifest["has_local_mapper"]), "queue": self.waiting, "running": self.running,
+                "timeout_s": self.opts.timeout_s, "sizes": list(b.ranges.size),
+                "placeholders": list(self.gen.placeholders), "local_mode": bool(b.manifest["has_local_mapper"]), "queue": self.waiting, "running": self.running,
                 "start_seconds": round(self.start_seconds, 3)}
 
     # -- admission -------------------------------------------------------------------------------
