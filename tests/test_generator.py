@@ -64,7 +64,7 @@ def test_generate_is_what_elite_run_writes_and_encode_round_trips(toy_bundle, tm
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda q, s: setattr(q, "lam", float("nan")), "lambda must be a finite number in 0..1, got nan"),
+    (lambda q, s: setattr(q, "lams", [float("nan")]), "lambda must be a finite number in 0..1, got nan"),
     (lambda q, s: setattr(s, "guidance", float("inf")), "guidance must be a finite number in 1..20, got inf"),
     (lambda q, s: setattr(q, "prompt", "a dog"), "no placeholder 'S'"),
     (lambda q, s: setattr(q, "words", "7") or setattr(q, "mode", "global"), "words must be 'all' or a word index"),

@@ -37,7 +37,7 @@ def test_runtime_a_nan_concept_fails_its_row_and_leaves_the_others_bit_identical
     poisoned_words[0, 3] = np.nan  # w0: what local mode injects into the text encoder, then the UNet
     requests = [Request(EncodedConcept(words[0], local[0]), "a S on the beach", 1),
                 Request(EncodedConcept(poisoned_words, local[0], "bad.concept"), "a photo of a S", 2),
-                Request(b, "a S in the jungle", 3, mode="global", lam=0.6)]
+                Request(b, "a S in the jungle", 3, mode="global", lams=0.6)]
     with pytest.raises(EliteError, match="request 1: concept 'bad.concept' holds NaN"):
         runtime(requests, SETTINGS)  # validation catches it at the door...
     result = runtime(requests, SETTINGS, validate=False)  # ...here it slipped past
@@ -67,7 +67,7 @@ def test_reference_a_nan_row_fails_alone(toy_pipeline):
     poisoned = ConceptInputs(nan_pixels, b.object_pixels, b.mask)
     settings = GenerationSettings(steps=2, height=64, width=64)
     rows = [Request(a, "a S on the beach", 1), Request(b, "a photo of a S", 2, mode="global"),
-            Request(c, "a S in the jungle", 3, lam=1.0)]
+            Request(c, "a S in the jungle", 3, lams=1.0)]
     clean = toy_pipeline(rows, settings)
     rows[1] = Request(poisoned, "a photo of a S", 2, mode="global")
     with pytest.raises(EliteError, match="request 1: the concept image's arrays hold NaN"):

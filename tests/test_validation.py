@@ -63,8 +63,8 @@ def test_settings_accept_the_edges_of_every_range():
 
 
 @pytest.mark.parametrize("field,value,fragment", [
-    ("lam", NAN, "lambda must be a finite number in 0..1, got nan"), ("lam", INF, "got inf"),
-    ("lam", -0.01, "in 0..1"), ("lam", 1.01, "in 0..1"), ("lam", None, "got None"),
+    ("lams", [NAN], "lambda must be a finite number in 0..1, got nan"), ("lams", [INF], "got inf"),
+    ("lams", [-0.01], "in 0..1"), ("lams", [1.01], "in 0..1"), ("lams", [None], "got None"),
     ("seed", 2**64, "seed must be an integer in -2**63..2**64-1 (what torch.manual_seed takes), got 18446744073709551616"),
     ("seed", -2**63 - 1, "got -9223372036854775809"), ("seed", 1.0, "got 1.0"), ("seed", True, "got True"),
     ("mode", "both", "mode must be one of local, global, got 'both'"),
@@ -80,7 +80,7 @@ def test_requests_refuse_what_is_not_allowed(concept, field, value, fragment):
 def test_requests_accept_the_edges_and_refuse_non_finite_concepts(concept):
     for lam in LAMBDA_RANGE:
         for seed in (-2**63, -1, 0, 2**64 - 1, np.uint64(2**64 - 1)):
-            Request(concept, "a S", seed, lam=lam).validate()
+            Request(concept, "a S", seed, lams=lam).validate()
     words = np.zeros((5, 8), np.float32)
     local = np.zeros((256, 8), np.float32)
     local[3, 4] = INF
@@ -131,7 +131,7 @@ def test_both_pipelines_validate_before_any_graph_runs(toy_bundle, toy_pipeline,
     ok = GenerationSettings(steps=2, height=256, width=256)
     for pipe in (runtime, toy_pipeline):
         calls = dict(pipe.timer.calls)
-        refused(lambda: pipe([Request(concept, "a S", 0, lam=NAN)], ok), "lambda must be a finite number")
+        refused(lambda: pipe([Request(concept, "a S", 0, lams=NAN)], ok), "lambda must be a finite number")
         refused(lambda: pipe([Request(concept, "a S", 0)], GenerationSettings(steps=2, guidance=INF, height=256,
                                                                               width=256)), "guidance")
         refused(lambda: pipe([Request(concept, "a S", 0), Request(concept, "a S", 2**64)], ok), "request 1: seed")
