@@ -116,9 +116,7 @@ class Request:
     lams: list[float] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.concepts, (ConceptInputs, EncodedConcept)):
-            self.concepts = [self.concepts]
-        self.concepts = list(self.concepts)
+        self.concepts = list(self.concepts) if isinstance(self.concepts, (list, tuple)) else [self.concepts]
         if not self.concepts:
             raise EliteError("a request needs at least one concept")
         if self.lams is None:
