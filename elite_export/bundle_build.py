@@ -1,4 +1,5 @@
-"""checkpoints -> bundle folder: ONNX graphs (fp32 for ONNX Runtime, fp16 for TensorRT), tokenizer,
+"""checkpoints -> bundle folder: ONNX graphs (fp32 for ONNX Runtime, fp16 for TensorRT, opt-in cuda: fused
+fp16 graphs for ONNX Runtime's CUDA provider, see cuda_variant.py), tokenizer,
 unconditional embedding, manifest. See runtime/bundle.py for the layout.
 
 Re-running with unchanged inputs reuses every graph: each graph's file name carries its content
@@ -30,13 +31,14 @@ from elite_export.runtime.prompt import PromptTokenizer
 from elite_export.runtime.requests import DEFAULT_LAMBDA, PAPER_SCHEDULER_CONFIG
 from elite_export.specs import GRAPH_NAMES, ShapeRanges, spec
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "cuda")  # cuda: fused fp16 graphs for ONNX Runtime's CUDA provider (opt-in)
+DEFAULT_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     ranges: ShapeRanges = ShapeRanges()
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS
     attention: str = "formula"  # or "plugin": ELITE cross-attention as one custom node (TensorRT)
     export: ExportSettings = ExportSettings()
     fp16: Fp16Policy = Fp16Policy()
@@ -48,7 +50,7 @@ class BuildOptions:
 class GraphReport:
     graph: str
     precision: str
-    action: str  # exported | converted | reused
+    action: str  # exported | converted | fused | reused
     seconds: float
     megabytes: float
 
@@ -78,11 +80,14 @@ def sha256_json(obj) -> str:
 def graph_key(name: str, precision: str, sources: dict, options: BuildOptions, spec_dict: dict,
               versions: dict) -> str:
     """Everything a graph file's content depends on."""
+    from elite_export.cuda_variant import cuda_policy, variant_key
+
+    policy = {"fp16": options.fp16, "cuda": cuda_policy(options.fp16)}.get(precision)
     return sha256_json({"graph": name, "precision": precision, "sources": {k: v["sha256"] for k, v in sources.items()},
                         "spec": spec_dict, "ranges": options.ranges.to_dict(), "attention": options.attention,
                         "export": export_key(options.export, precision),
-                        "fp16": options.fp16.to_dict() if precision == "fp16" else None,
-                        "versions": versions})
+                        "fp16": policy.to_dict() if policy else None,
+                        **({"cuda": variant_key()} if precision == "cuda" else {}), "versions": versions})
 
 
 def export_key(settings: ExportSettings, precision: str) -> dict:
@@ -137,7 +142,7 @@ def export_graphs(models: EliteModels, out: str, options: BuildOptions, sources:
         fresh = {p: options.force or not reusable(prevs[p], out, keys[p]) for p in options.precisions}
         if fresh.get("fp16") and options.export.ort_fusion:
             fresh["fp32"] = True  # the fp16 graph is converted from the unfused fp32 export
-        for precision in options.precisions:
+        for precision in (p for p in options.precisions if p != "cuda"):  # cuda: from the fused fp32, below
             key, prev = keys[precision], prevs[precision]
             rel = f"onnx/{precision}/{name}-{key[:16]}.onnx"
             t0 = time.perf_counter()
@@ -163,9 +168,31 @@ def export_graphs(models: EliteModels, out: str, options: BuildOptions, sources:
             fuse_for_ort_file(path, path)
             files["fp32"] = graph_entry(out, files["fp32"]["path"], keys["fp32"])
             next(r for r in reports if (r.graph, r.precision) == (name, "fp32")).seconds += time.perf_counter() - t0
+        if "cuda" in options.precisions:
+            files["cuda"] = cuda_graph(name, out, files, keys["cuda"], prevs["cuda"] if not fresh["cuda"] else None,
+                                       options, reports)
         graphs[name] = {"spec": sp.to_dict(), "files": files}
         on_graph(name)
     return graphs, reports
+
+
+def cuda_graph(name: str, out: str, files: dict, key: str, prev: dict | None, options: BuildOptions,
+               reports: list[GraphReport]) -> dict:
+    """The graph's CUDA variant (cuda_variant.py) from this build's fp32 graph; `prev` when reusable."""
+    from elite_export.cuda_variant import build_cuda_variant
+
+    t0, entry, action = time.perf_counter(), prev, "reused"
+    if entry is None:
+        if "fp32" not in files:
+            raise EliteError("--precision cuda needs fp32 too (the CUDA variant is made from the fp32 graph)")
+        rel = f"onnx/cuda/{name}-{key[:16]}.onnx"
+        os.makedirs(os.path.join(out, "onnx/cuda"), exist_ok=True)
+        fused = build_cuda_variant(os.path.join(out, files["fp32"]["path"]), os.path.join(out, rel), options.fp16,
+                                   options.attention)
+        entry, action = {**graph_entry(out, rel, key), "fused_ops": fused}, "fused"
+    size = sum(os.path.getsize(os.path.join(out, p)) for p in [entry["path"], *entry.get("external_data", {})])
+    reports.append(GraphReport(name, "cuda", action, time.perf_counter() - t0, size / 2**20))
+    return entry
 
 
 def write_text_assets(models: EliteModels, out: str, placeholder: str) -> dict:
@@ -203,6 +230,9 @@ def build_bundle(paths: CheckpointPaths, out: str, options: BuildOptions = Build
 
     if options.attention not in ("formula", "plugin"):
         raise EliteError(f"--attention must be formula or plugin, got {options.attention!r}")
+    if "cuda" in options.precisions and ("fp32" not in options.precisions or options.attention != "formula"):
+        raise EliteError("--precision cuda needs fp32 too and --attention formula (the CUDA variant is made from "
+                         "the fp32 graph; ONNX Runtime cannot run the TensorRT plugin's node)")
     os.makedirs(out, exist_ok=True)
     old = previous_manifest(out)
     sources = paths.sources()

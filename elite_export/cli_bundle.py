@@ -39,7 +39,9 @@ def toy_checkpoints(bundle: str, seed: int):
 @click.option("--toy-seed", type=int, default=0, show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Bundle folder to write.")
 @click.option("--precision", default="fp32,fp16", show_default=True,
-              help="fp32: graphs for ONNX Runtime on the CPU; fp16: for TensorRT (fp32 islands, fp32 I/O).")
+              help="fp32: graphs for ONNX Runtime on the CPU; fp16: for TensorRT (fp32 islands, fp32 I/O); "
+                   "cuda: fp16 graphs fused for ONNX Runtime's CUDA provider (MultiHeadAttention, GroupNorm, "
+                   "BiasSplitGelu, BiasAdd; what `elite-run --device cuda` runs).")
 @click.option("--batch", "batch", nargs=3, type=int, default=(1, 1, 4), show_default=True,
               metavar="MIN OPT MAX", help="Requests per call (the UNet runs 2x: [uncond; cond]).")
 @click.option("--size", nargs=3, type=int, default=(256, 512, 1024), show_default=True, metavar="MIN OPT MAX",
@@ -104,6 +106,12 @@ def build(sd, image_encoder, global_mapper, local_mapper, toy, toy_seed, output,
     click.echo(f"bundle written to {output} (id {result.manifest['bundle_id']})")
 
 
+def cuda_provider() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 @click.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--precision", default=None, help="Graphs to check (default: every precision in the bundle).")
@@ -125,6 +133,9 @@ def check(bundle, precision, image, mask, prompt, calib, all_cases) -> None:
     b = Bundle.open(bundle)
     precisions = parse_csv(precision, tuple(b.manifest["precisions"]), "--precision") if precision \
         else tuple(b.manifest["precisions"])
+    if not precision and "cuda" in precisions and not cuda_provider():
+        precisions = tuple(p for p in precisions if p != "cuda")
+        click.echo("cuda graphs not checked: they run on ONNX Runtime's CUDA provider (onnxruntime-gpu and a GPU)")
     if len(image) != len(mask):
         raise EliteError("give one --mask per --image")
     checker = ParityChecker(b, precisions)

@@ -8,6 +8,7 @@
     to_fp16         fp16 weights and math for TensorRT, with fp32 islands per Fp16Policy, fp32 I/O
     ort_fusion      fp32 graphs for ONNX Runtime only: attention -> com.microsoft.MultiHeadAttention
                     (ort_fusion.py; bundle_build applies it after converting the fp16 graph unfused)
+    cuda variant    fp16 graphs for ONNX Runtime's CUDA provider, fused (cuda_variant.py)
 
 Graphs over 2 GB (the SD 1.4 UNet in fp32 is ~3.4 GB) are written with their weights in one
 external-data file beside them (`<name>.onnx.data`).
@@ -190,16 +191,20 @@ def blocked_nodes(model: onnx.ModelProto, fp32_modules: tuple[str, ...]) -> list
 
 def to_fp16(src: str, dst: str, policy: Fp16Policy = Fp16Policy()) -> None:
     """fp32 ONNX -> fp16 ONNX with fp32 islands and fp32 graph I/O (casts inside)."""
+    save(fp16_model(onnx.load(src), policy), dst)
+    check(dst)
+
+
+def fp16_model(model: onnx.ModelProto, policy: Fp16Policy) -> onnx.ModelProto:
+    """The fp16 conversion of a loaded fp32 model (weights in memory): fp32 islands per `policy`, fp32 I/O."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from elite_export.plugin_export import keep_m_fp32
 
-    model = onnx.load(src)
     block = blocked_nodes(model, policy.fp32_modules)
     big = too_big_for_protobuf(model)
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(policy.fp32_ops),
                                      node_block_list=block, disable_shape_infer=big)
     keep_m_fp32(model)
-    save(tidy(model), dst)  # the converter appends its casts out of order
-    check(dst)
+    return tidy(model)  # the converter appends its casts out of order
 

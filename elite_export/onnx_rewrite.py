@@ -28,17 +28,29 @@ class GraphIndex:
                                 for d in v.type.tensor_type.shape.dim]
                        for v in [*g.value_info, *g.input, *g.output] if v.type.tensor_type.HasField("shape")}
 
-    def scalar(self, name: str) -> float | None:
-        """The value of a one-element constant (initializer or Constant node), else None."""
+    def constant(self, name: str) -> onnx.TensorProto | None:
+        """The tensor of an initializer or Constant node, else None."""
         t = self.initializers.get(name)
         if t is None:
             node = self.producer.get(name)
             if node is None or node.op_type != "Constant" or node.attribute[0].name != "value":
                 return None
             t = node.attribute[0].t
-        if t.data_location == onnx.TensorProto.EXTERNAL or np.prod(t.dims, dtype=int) != 1:
+        return t
+
+    def array(self, name: str, max_elements: int | None = None) -> np.ndarray | None:
+        """A constant's value (None: not a constant, its data not loaded, or over max_elements)."""
+        t = self.constant(name)
+        if t is None or t.data_location == onnx.TensorProto.EXTERNAL:
             return None
-        return float(numpy_helper.to_array(t).reshape(()))
+        if max_elements is not None and np.prod(t.dims, dtype=int) > max_elements:
+            return None
+        return numpy_helper.to_array(t)
+
+    def scalar(self, name: str) -> float | None:
+        """The value of a one-element constant (initializer or Constant node), else None."""
+        a = self.array(name, max_elements=1)
+        return None if a is None or a.size != 1 else float(a.reshape(()))
 
     def scalar_operand(self, node: onnx.NodeProto) -> tuple[float, str] | None:
         """(constant, other input) of a binary node with exactly one scalar-constant input."""

@@ -74,7 +74,7 @@ class ParityChecker:
         self.bundle, self.precisions = bundle, precisions
         self.models = models if models is not None else reference_models(bundle)
         self.modules = {name: graph_module(name, self.models) for name in GRAPH_NAMES}
-        self.runners: dict[tuple[str, str], OrtRunner | str] = {}
+        self.runners: dict[tuple[str, str], object] = {}  # OrtRunner / OrtDeviceRunner, or why none
 
     def runner(self, graph: str, precision: str) -> OrtRunner | str:
         """The graph's session, or why there is none (a missing/corrupt file, a load failure)."""
@@ -85,7 +85,13 @@ class ParityChecker:
                 self.runners[key] = problems[0]
             else:
                 try:
-                    self.runners[key] = OrtRunner(self.bundle.spec(graph), self.bundle.graph_path(graph, precision))
+                    spec, path = self.bundle.spec(graph), self.bundle.graph_path(graph, precision)
+                    if precision == "cuda":  # the CUDA variant's fused ops run on the CUDA provider only
+                        from elite_export.runtime.ort_device import OrtDeviceRunner
+
+                        self.runners[key] = OrtDeviceRunner(spec, path, "cuda")
+                    else:
+                        self.runners[key] = OrtRunner(spec, path)
                 except EliteError as e:
                     self.runners[key] = str(e)
         return self.runners[key]
@@ -107,8 +113,9 @@ class ParityChecker:
                                       False, runner))
                 continue
             actual = runner.run(case.inputs, case.dims)
+            tol = spec.tolerance["fp16" if precision == "cuda" else precision]  # the CUDA variant is fp16
             for name, exp in expected.items():
-                rows.append(compare(case, name, precision, actual[name], exp, spec.tolerance[precision]))
+                rows.append(compare(case, name, precision, actual[name], exp, tol))
         return rows
 
 

@@ -1,12 +1,14 @@
 """The backend interface: one GraphRunner per graph, named arrays in and out per the graph's spec.
 
-ONNX Runtime implements it here (CPU provider; CUDA provider when onnxruntime-gpu and a GPU are
-present); TensorRT in tensorrt_backend.py, imported only when asked for.
+ONNX Runtime implements it here (OrtRunner: CPU provider, numpy I/O) and in ort_device.py
+(OrtDeviceRunner: device-resident I/O, the CUDA provider of onnxruntime-gpu, CUDA graphs); TensorRT
+in tensorrt_backend.py, imported only when asked for.
 """
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import numpy as np
 
@@ -14,6 +16,7 @@ from elite_export.errors import EliteError
 from elite_export.specs import GraphSpec
 
 BACKENDS = ("onnxruntime", "tensorrt")
+BoundRun = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # GraphRunner.bind's: the varying inputs -> outputs
 
 
 class GraphRunner(ABC):
@@ -26,6 +29,12 @@ class GraphRunner(ABC):
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray], dims: dict[str, int]) -> dict[str, np.ndarray]:
         """inputs: every spec input (shapes per `dims`) -> every spec output."""
+
+    def bind(self, fixed: dict[str, np.ndarray], dims: dict[str, int]) -> BoundRun:
+        """Inputs that stay the same over many calls (a generation's conditioning) given once; the returned
+        callable takes the others. Device runners upload `fixed` once (ort_device.py); here each call
+        runs with both, as `run` would."""
+        return lambda varying: self.run({**fixed, **varying}, dims)
 
     def check_inputs(self, inputs: dict[str, np.ndarray], dims: dict[str, int]) -> None:
         for t in self.spec.inputs:

@@ -7,6 +7,7 @@ BUNDLE/
   uncond_embedding.npy     text-encoder output for "" [1,77,D] float32
   onnx/fp32/<graph>.onnx   for ONNX Runtime on the CPU
   onnx/fp16/<graph>.onnx   for TensorRT (strongly typed; fp32 islands; fp32 I/O)
+  onnx/cuda/<graph>.onnx   opt-in: fp16, fused for ONNX Runtime's CUDA provider (com.microsoft ops; fp32 I/O)
   engines/<graph>-<key>.plan   TensorRT engines (only after `build --backend tensorrt`)
 
 manifest.json is written last (temp file + rename): a folder without it is not a bundle.

@@ -73,7 +73,13 @@ backend_option = click.option("--backend", type=click.Choice([*BACKENDS, "torch"
                               default="onnxruntime", show_default=True,
                               help="torch = the PyTorch reference (needs the export extra and the source checkpoints).")
 device_option = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                             help="onnxruntime provider (cuda needs onnxruntime-gpu).")
+                             help="onnxruntime provider (cuda needs onnxruntime-gpu: inputs and outputs stay in "
+                                  "device memory).")
+precision_option = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "cuda"]), default="auto",
+                                show_default=True, help="onnxruntime graphs: auto = the bundle's cuda variant on "
+                                "--device cuda (else fp16, else fp32), fp32 on the CPU.")
+cuda_graph_option = click.option("--cuda-graph", is_flag=True,
+                                 help="Replay the UNet step as a CUDA graph (--device cuda, static bundles).")
 threads_option = click.option("--threads", type=int, default=0, show_default=True,
                               help="onnxruntime intra-op threads (0 = its choice).")
 
@@ -89,19 +95,23 @@ threads_option = click.option("--threads", type=int, default=0, show_default=Tru
 @click.option("--batch-size", type=int, default=None, help="Requests per UNet call (default: the bundle's max).")
 @backend_option
 @device_option
+@precision_option
+@cuda_graph_option
 @threads_option
 @click.option("-o", "--output", default="elite_out", show_default=True, type=click.Path(), help="Folder for the PNGs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stage table as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, words, lam, scheduler, steps, guidance,
-             seed, height, width, batch_size, backend, device, threads, output, as_json, quiet) -> None:
+             seed, height, width, batch_size, backend, device, precision, cuda_graph, threads, output, as_json,
+             quiet) -> None:
     """Generate images. Request i gets seed SEED + i; each PNG records every setting that made it."""
     from elite_export.runtime.generator import Generator
     from elite_export.runtime.images import save_png
     from elite_export.runtime.requests import Request
     from elite_export.runtime.timing import STAGE_HEADERS
 
-    gen = Generator(bundle, backend, device, threads, load=False)  # graphs load once the inputs are checked
+    # the graphs load once the inputs are checked
+    gen = Generator(bundle, backend, device, threads, load=False, precision=precision, cuda_graph=cuda_graph)
     settings = settings_from(scheduler, steps, guidance, height, width)
     settings.validate(gen.bundle.model, gen.bundle.ranges)
     requests = [Request(c, p, seed + i, mode, words, lam)
@@ -138,12 +148,13 @@ def generate(bundle, image, mask, concept_files, prompts, prompts_file, mode, wo
 @click.option("-o", "--output", required=True, type=click.Path(), help="The .concept file to write.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
 @device_option
-def encode(bundle, image, mask, output, backend, device) -> None:
+@precision_option
+def encode(bundle, image, mask, output, backend, device, precision) -> None:
     """Run the concept encoder once and store the words and local tokens (safetensors)."""
     from elite_export.runtime.concept import save_concept
     from elite_export.runtime.generator import Generator
 
-    gen = Generator(bundle, backend, device, load=False)
+    gen = Generator(bundle, backend, device, load=False, precision=precision)
     save_concept(output, gen.encode(image, mask), gen.bundle, image, mask)
     click.echo(f"wrote {output} (bundle {gen.bundle.id})")
 

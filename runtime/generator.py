@@ -48,8 +48,10 @@ class Result:
         return png_bytes(self.image, self.meta)
 
 
-def open_pipeline(bundle: Bundle, backend: str, device: str, threads: int):
-    """The runtime's pipeline on `backend`, or the PyTorch reference for backend "torch" (parity runs)."""
+def open_pipeline(bundle: Bundle, backend: str, device: str, threads: int, precision: str = "auto",
+                  cuda_graph: bool = False):
+    """The runtime's pipeline on `backend`, or the PyTorch reference for backend "torch" (parity runs).
+    precision (auto: the bundle's cuda graphs on a GPU, else fp32) and cuda_graph: onnxruntime only."""
     if backend == "torch":  # the PyTorch reference, from the bundle's recorded checkpoints
         from elite_export.parity import reference_models
         from elite_export.pipeline import ElitePipeline
@@ -57,7 +59,8 @@ def open_pipeline(bundle: Bundle, backend: str, device: str, threads: int):
         return ElitePipeline(reference_models(bundle), placeholder=bundle.manifest["placeholder"])
     from elite_export.runtime.pipeline import RuntimePipeline, open_runners
 
-    return RuntimePipeline(bundle, open_runners(bundle, backend, device, threads))
+    return RuntimePipeline(bundle, open_runners(bundle, backend, device, threads,
+                                                None if precision == "auto" else precision, cuda_graph))
 
 
 class Generator:
@@ -65,13 +68,15 @@ class Generator:
 
     bundle: a folder from `elite-export build` (or an open Bundle). backend: onnxruntime | tensorrt |
     torch (the PyTorch reference). device: cpu | cuda (onnxruntime's provider). threads: onnxruntime
-    intra-op threads (0: its choice). load=False defers loading the graphs to the first call that needs
+    intra-op threads (0: its choice). precision: auto | fp32 | fp16 | cuda (which of the bundle's graphs
+    onnxruntime runs); cuda_graph: replay the UNet step as a CUDA graph (static bundles). load=False defers loading the graphs to the first call that needs
     them (elite-run checks its inputs first)."""
 
     def __init__(self, bundle: str | Bundle, backend: str = "onnxruntime", device: str = "cpu", threads: int = 0,
-                 load: bool = True):
+                 load: bool = True, precision: str = "auto", cuda_graph: bool = False):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.backend, self.device, self.threads = backend, device, threads
+        self.precision, self.cuda_graph = precision, cuda_graph
         self.placeholder = self.bundle.manifest["placeholder"]
         self.tokenizer = PromptTokenizer.from_file(self.bundle.tokenizer_path(), self.placeholder)
         self.timer = StageTimer()  # every stage of every call since the last take_timer()
@@ -86,7 +91,8 @@ class Generator:
 
     def load(self) -> None:
         if self._pipeline is None:
-            self._pipeline = open_pipeline(self.bundle, self.backend, self.device, self.threads)
+            self._pipeline = open_pipeline(self.bundle, self.backend, self.device, self.threads, self.precision,
+                                           self.cuda_graph)
 
     @property
     def pipeline(self):
@@ -128,7 +134,8 @@ class Generator:
     def meta(self, request: Request, settings: GenerationSettings) -> dict:
         """What the PNG of `request` records (elite-run and the service alike)."""
         c = request.concept
-        return {**request.meta(), **settings.to_dict(), "backend": self.backend, "bundle_id": self.bundle.id,
+        return {**request.meta(), **settings.to_dict(), "backend": self.backend, "device": self.device,
+                "bundle_id": self.bundle.id,
                 "concept": getattr(c, "source", ""), "concept_id": getattr(c, "id", "")}
 
     def chunks(self, requests: list[Request], settings: GenerationSettings, batch_size: int | None = None,

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from elite_export.errors import EliteError
-from elite_export.runtime.backends import GraphRunner, OrtRunner
+from elite_export.runtime.backends import GraphRunner
 from elite_export.runtime.bundle import Bundle
 from elite_export.runtime.noise import randn
 from elite_export.runtime.preprocess import ConceptInputs
@@ -23,18 +23,18 @@ from elite_export.runtime.schedulers import make_scheduler
 from elite_export.runtime.timing import StageTimer
 from elite_export.specs import GRAPH_NAMES
 
+STEP_INPUTS = ("latents", "timestep")  # the UNet inputs that change per step; the rest is bound per generation
 
-def open_runners(bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu",
-                 threads: int = 0) -> dict[str, GraphRunner]:
+
+def open_runners(bundle: Bundle, backend: str = "onnxruntime", device: str = "cpu", threads: int = 0,
+                 precision: str | None = None, cuda_graph: bool = False) -> dict[str, GraphRunner]:
+    """precision, cuda_graph: ONNX Runtime only (see ort_device.open_ort_runners)."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise EliteError(f"threads must be 0 (onnxruntime's choice) or a positive integer, got {threads!r}")
     if backend == "onnxruntime":
-        for name in GRAPH_NAMES:
-            problems = bundle.verify((name,), "fp32", full=False)  # sizes: `elite-export check` hashes
-            if problems:
-                raise EliteError(f"bundle {bundle.root!r}: {problems[0]}; rebuild it with `elite-export build`")
-        return {name: OrtRunner(bundle.spec(name), bundle.graph_path(name, "fp32"), device, threads)
-                for name in GRAPH_NAMES}
+        from elite_export.runtime.ort_device import open_ort_runners
+
+        return open_ort_runners(bundle, device, threads, precision, cuda_graph)
     if backend == "tensorrt":
         from elite_export.runtime.tensorrt_backend import open_trt_runners
 
@@ -141,6 +141,8 @@ class RuntimePipeline:
                 "local_tokens": np.concatenate([local[pad], local[pad]]),
                 "placeholder_index": np.concatenate([idx, idx]),
                 "lam": np.concatenate([np.zeros(b, np.float32), lam])}
+        step_feed = {k: feed.pop(k) for k in STEP_INPUTS}
+        unet = self.runners["unet"].bind(feed, dims)  # the conditioning: on a device, uploaded once here
         scheduler = make_scheduler(settings.scheduler, self.bundle.manifest["scheduler_config"], settings.steps)
         noise = np.concatenate([randn((1, m.latent_channels, h, w), requests[i].seed) for i in pad])
         latents = noise * np.float32(scheduler.init_noise_sigma)
@@ -151,9 +153,10 @@ class RuntimePipeline:
                 break
             t0 = time.perf_counter()
             x = scheduler.scale_model_input(latents, i)
-            feed["latents"][:b], feed["latents"][b:] = x, x
-            feed["timestep"][:] = t
-            eps = self.run("unet", feed, dims)["noise_pred"]  # [2b,C,h,w], the runner's own buffer
+            step_feed["latents"][:b], step_feed["latents"][b:] = x, x
+            step_feed["timestep"][:] = t
+            with self.timer.stage("unet"):
+                eps = unet(step_feed)["noise_pred"]  # [2b,C,h,w], the runner's own buffer
             np.subtract(eps[b:], eps[:b], out=guided)
             guided *= guidance
             guided += eps[:b]

@@ -17,7 +17,11 @@ import click
 @click.option("--reps", type=int, default=None, help="Timed calls per stage [default: 3 CPU, 10 CUDA].")
 @click.option("--threads", type=int, default=0, show_default=True, help="Intra-op threads; 0: one per core.")
 @click.option("--ways", default="authors,reference,runtime", show_default=True,
-              help="(a) authors, (b) reference, (c) runtime (ONNX Runtime; TensorRT where it opens).")
+              help="(a) authors, (b) reference, (b') compiled (torch.compile reduce-overhead, CUDA only), (c) runtime "
+                   "(ONNX Runtime, on CUDA with and without a CUDA graph; TensorRT where it opens).")
+@click.option("--schedulers", default=None, help="Schedulers of the end-to-end runs, comma-separated "
+              "[default: lms on the CPU, lms,dpm++ on CUDA].")
+@click.option("--no-cuda-graph", is_flag=True, help="On CUDA, skip (c) with the UNet step as a CUDA graph.")
 @click.option("--cache", type=click.Path(), default=None,
               help="Random checkpoints and bundles go here [default: $ELITE_BENCH_CACHE, ~/.cache/elite-export].")
 @click.option("--bundle", type=click.Path(), default=None, help="Run (c) on this bundle instead of building one.")
@@ -25,8 +29,8 @@ import click
 @click.option("--no-toy-overhead", is_flag=True, help="Skip the runtime-overhead figure on the toy bundle.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Write the result (with the machine) here.")
 @click.option("--markdown", "md_path", type=click.Path(), default=None, help="Append the tables as markdown here.")
-def bench(device, size, batch, steps, warmup, reps, threads, ways, cache, bundle, no_ort_fusion, no_toy_overhead,
-          json_path, md_path) -> None:
+def bench(device, size, batch, steps, warmup, reps, threads, ways, schedulers, no_cuda_graph, cache, bundle,
+          no_ort_fusion, no_toy_overhead, json_path, md_path) -> None:
     """Time ELITE at the real sizes (random weights made in code, nothing downloaded) three ways in one
     process: (a) the authors' loop (two unbatched UNet calls per step), (b) the batched PyTorch
     reference, (c) the torch-free runtime. Per stage and end to end: median, min and max of the
@@ -39,6 +43,7 @@ def bench(device, size, batch, steps, warmup, reps, threads, ways, cache, bundle
     from elite_export.bench.run import WAYS, BenchOptions, run_bench
     from elite_export.bench.report import markdown, text_report
     from elite_export.cli_bundle import parse_csv
+    from elite_export.runtime.schedulers import SCHEDULERS
     from elite_export.sd14 import default_cache
 
     gpu = device == "cuda"
@@ -46,13 +51,21 @@ def bench(device, size, batch, steps, warmup, reps, threads, ways, cache, bundle
                         warmup=warmup if warmup is not None else (2 if gpu else 1),
                         reps=reps or (10 if gpu else 3), threads=threads, device=device,
                         ways=parse_csv(ways, WAYS, "--ways"), cache=cache or default_cache(), bundle=bundle,
-                        ort_fusion=not no_ort_fusion, toy_overhead=not no_toy_overhead)
-    result = run_bench(opts)
+                        ort_fusion=not no_ort_fusion, toy_overhead=not no_toy_overhead,
+                        schedulers=parse_csv(schedulers or ("lms,dpm++" if gpu else "lms"), tuple(SCHEDULERS), "--schedulers"),
+                        cuda_graph=not no_cuda_graph)
+
+    def write_json(result: dict) -> None:  # after every way: a run stopped midway keeps what it measured
+        if json_path:
+            os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+            with open(json_path + ".part", "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(json_path + ".part", json_path)
+
+    result = run_bench(opts, write_json)
     click.echo(text_report(result))
     if json_path:
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(result)
         click.echo(f"written to {json_path}")
     if md_path:
         with open(md_path, "a") as f:

@@ -1,5 +1,7 @@
 """Timing and memory for the benchmarks: warm-up + repetitions -> median/min/max; peak RSS sampled
-by a thread; peak device memory from torch. And the machine a result was measured on."""
+by a thread; peak device memory from torch's allocator, or (ONNX Runtime, whose allocations torch does
+not see) the device's memory in use sampled by the same thread above a baseline. And the machine a
+result was measured on."""
 from __future__ import annotations
 
 import os
@@ -37,18 +39,31 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def device_used_bytes() -> int:
+    """Memory in use on the current CUDA device, by every allocator of every process (cudaMemGetInfo)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
 @dataclass
 class PeakMemory:
-    """Peak RSS while inside (sampled every `interval` s) and, with torch on CUDA, peak device memory."""
+    """Peak RSS while inside (sampled every `interval` s) and, on CUDA, peak device memory: torch's peak
+    allocation, or with `device_baseline` the sampled device memory in use minus that baseline."""
     cuda: bool = False
     interval: float = 0.005
+    device_baseline: int | None = None
     peak_rss: int = 0
     peak_device: int | None = None
+    _peak_used: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
             self.peak_rss = max(self.peak_rss, rss_bytes())
+            if self.device_baseline is not None:
+                self._peak_used = max(self._peak_used, device_used_bytes())
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakMemory":
@@ -66,7 +81,9 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak_rss = max(self.peak_rss, rss_bytes())
-        if self.cuda:
+        if self.cuda and self.device_baseline is not None:
+            self.peak_device = max(self._peak_used, device_used_bytes()) - self.device_baseline
+        elif self.cuda:
             import torch
 
             self.peak_device = torch.cuda.max_memory_allocated()

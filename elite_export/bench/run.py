@@ -24,12 +24,12 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from elite_export.bench.measure import PeakMemory, machine, summary, timings
-from elite_export.bench.ways import STAGES, RuntimeWay, TorchWay, Way, Workload
+from elite_export.bench.ways import RuntimeWay, TorchWay, Way, Workload, stages
 from elite_export.errors import EliteError
 from elite_export.runtime.backends import BACKENDS
 from elite_export.sd14 import default_cache
 
-WAYS = ("authors", "reference", "runtime")
+WAYS = ("authors", "reference", "compiled", "runtime")  # compiled: (b'), CUDA only
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class BenchOptions:
     bundle: str | None = None  # for (c); default: built from the cached checkpoints
     ort_fusion: bool = True  # in the bundle's fp32 graphs (see ort_fusion.py)
     toy_overhead: bool = True
+    schedulers: tuple[str, ...] = ("lms",)  # `generate` runs the first; generate_<s> each further one
+    cuda_graph: bool = True  # on CUDA: (c) also with the UNet step as a CUDA graph (static bundles)
 
     @property
     def cuda(self) -> bool:
@@ -103,12 +105,13 @@ def concept():
     return load_concept(*calibration_set().concepts[0])
 
 
-def measure_way(way: Way, opts: BenchOptions, setup_seconds: float) -> dict:
-    """Every stage of `way`: warm-up, reps (median/min/max ms); the way's peak memory."""
-    with PeakMemory(cuda=opts.cuda) as mem:
-        stages = {s: summary(timings(way.stage(s), opts.warmup, opts.reps, way.sync)) for s in STAGES}
-    print(f"  {way.name}: " + ", ".join(f"{s} {v['median_ms']:.0f} ms" for s, v in stages.items()), file=sys.stderr)
-    return {"stages": stages, "setup_seconds": round(setup_seconds, 1), **mem.to_dict()}
+def measure_way(way: Way, opts: BenchOptions, setup_seconds: float, device_baseline: int | None = None) -> dict:
+    """Every stage of `way`: warm-up, reps (median/min/max ms); the way's peak memory (on CUDA: torch's
+    peak allocation, or with `device_baseline` the device memory in use above it: ONNX Runtime's)."""
+    with PeakMemory(cuda=opts.cuda, device_baseline=device_baseline) as mem:
+        times = {s: summary(timings(way.stage(s), opts.warmup, opts.reps, way.sync)) for s in stages(opts.schedulers)}
+    print(f"  {way.name}: " + ", ".join(f"{s} {v['median_ms']:.0f} ms" for s, v in times.items()), file=sys.stderr)
+    return {"stages": times, "setup_seconds": round(setup_seconds, 1), **mem.to_dict()}
 
 
 def runtime_overhead(way: RuntimeWay, opts: BenchOptions, runs: int) -> dict:
@@ -135,12 +138,15 @@ def runtime_overhead(way: RuntimeWay, opts: BenchOptions, runs: int) -> dict:
             "overhead_pct": 100 * overhead / step}
 
 
-def torch_ways(opts: BenchOptions, paths, results: dict) -> None:
+def torch_ways(opts: BenchOptions, paths, results: dict, on_result=lambda: None):
+    """(a) and (b); returns the models (for (b'), which runs last)."""
     import torch
 
     from elite_export.checkpoints import load_models
     from elite_export.sd14 import random_sd14_models
 
+    if not set(opts.ways) & ({"authors", "reference", "compiled"} if opts.cuda else {"authors", "reference"}):
+        return None
     torch.set_num_threads(opts.n_threads)
     t0 = time.perf_counter()
     if opts.cuda:
@@ -154,10 +160,11 @@ def torch_ways(opts: BenchOptions, paths, results: dict) -> None:
             t0 = time.perf_counter()
             with TorchWay(models, opts.workload, concept(), opts.device, dtype, authors=name == "authors") as way:
                 results[name] = measure_way(way, opts, load_s + time.perf_counter() - t0)
-    del models
+            on_result()
     gc.collect()
     if opts.cuda:
         torch.cuda.empty_cache()
+    return models
 
 
 def runtime_ways(opts: BenchOptions, bundle_dir: str, results: dict, unavailable: dict) -> dict:
@@ -166,6 +173,11 @@ def runtime_ways(opts: BenchOptions, bundle_dir: str, results: dict, unavailable
     from elite_export.runtime.pipeline import open_runners
 
     bundle, overhead = Bundle.open(bundle_dir), {}
+    if opts.cuda:
+        from elite_export.bench.gpu import cuda_runtime_ways
+
+        cuda_runtime_ways(opts, bundle, results, unavailable)
+        return overhead
     for backend in BACKENDS:
         t0 = time.perf_counter()
         try:
@@ -193,7 +205,8 @@ def toy_overhead(opts: BenchOptions) -> dict:
         return runtime_overhead(way, toy, toy.reps)
 
 
-def run_bench(opts: BenchOptions) -> dict:
+def run_bench(opts: BenchOptions, on_result=lambda result: None) -> dict:
+    """Every way asked for; `on_result(result so far)` after each (a killed run keeps what it measured)."""
     if opts.cuda:
         import torch
 
@@ -202,18 +215,36 @@ def run_bench(opts: BenchOptions) -> dict:
     if opts.cuda and "runtime" in opts.ways and opts.bundle is None:
         opts = BenchOptions(**{**asdict(opts), "ways": tuple(w for w in opts.ways if w != "runtime")})
     started = machine(opts.n_threads, opts.cuda)
-    paths = None if opts.cuda else sd14_paths(opts.cache)
+    cpu_models = {"authors", "reference"} & set(opts.ways) or ("runtime" in opts.ways and opts.bundle is None)
+    paths = sd14_paths(opts.cache) if cpu_models and not opts.cuda else None
     bundle_dir = None
     if "runtime" in opts.ways:
         bundle_dir = opts.bundle or sd14_bundle(opts, paths)
     results, unavailable, overhead = {}, {}, {}
-    torch_ways(opts, paths, results)
+    result = {"benchmark": "elite-ways", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": started,
+              "load_average_end": list(os.getloadavg()),
+              "options": {k: v for k, v in asdict(opts).items() if k != "cache"} | {"dtype": "fp16" if opts.cuda
+                                                                                    else "fp32"},
+              "ways": results, "unavailable": unavailable, "overhead": overhead}
+
+    def report() -> None:
+        result["load_average_end"] = list(os.getloadavg())
+        on_result(result)
+
+    models = torch_ways(opts, paths, results, report)
     if bundle_dir:
         overhead["sd14"] = runtime_ways(opts, bundle_dir, results, unavailable)
+        report()
+    if "compiled" in opts.ways:
+        if opts.cuda:
+            from elite_export.bench.gpu import compiled_way
+
+            compiled_way(models, opts, results)
+        else:
+            unavailable["compiled"] = "CUDA only: torch.compile's reduce-overhead mode replays CUDA graphs"
+        report()
+    del models
     if opts.toy_overhead and not opts.cuda:
         overhead["toy"] = toy_overhead(opts)
-    return {"benchmark": "elite-ways", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": started,
-            "load_average_end": list(os.getloadavg()),
-            "options": {k: v for k, v in asdict(opts).items() if k != "cache"} | {"dtype": "fp16" if opts.cuda
-                                                                                  else "fp32"},
-            "ways": results, "unavailable": unavailable, "overhead": overhead}
+    report()
+    return result

@@ -4,10 +4,14 @@
                     (conditional with the local branch, unconditional without), self-attention as
                     explicit softmax(q k^T) v matmuls (their replacement CrossAttention.__call__)
     reference   (b) this project's PyTorch reference: one batched [uncond; cond] call per step, SDPA
-    runtime     (c) the torch-free runtime on a bundle's graphs (ONNX Runtime, or TensorRT)
+    compiled    (b') the reference with its UNet under torch.compile(mode="reduce-overhead"): inductor
+                    kernels replayed as CUDA graphs, the best PyTorch a user could pick (CUDA only)
+    runtime     (c) the torch-free runtime on a bundle's graphs (ONNX Runtime on the CPU or CUDA, with
+                    or without a CUDA graph of the UNet step; or TensorRT)
 
 Stages: concept_encoder (the batch's concepts), text_encoder (their prompts), unet_step (one
-denoising step's UNet work), vae_decoder, generate (end to end, `steps` steps, same scheduler).
+denoising step's UNet work), vae_decoder, generate (end to end, `steps` steps, LMS), and
+generate_<scheduler> for each further scheduler asked for (generate_dpm++).
 Every way gets the same inputs: one concept, prompt and seed per request, sample tensors per spec.
 """
 from __future__ import annotations
@@ -35,8 +39,13 @@ class Workload:
     def requests(self, concept) -> list[Request]:
         return [Request(concept, PROMPT, seed) for seed in range(self.batch)]
 
-    def settings(self) -> GenerationSettings:
-        return GenerationSettings(scheduler="lms", steps=self.steps, height=self.size, width=self.size)
+    def settings(self, scheduler: str = "lms") -> GenerationSettings:
+        return GenerationSettings(scheduler=scheduler, steps=self.steps, height=self.size, width=self.size)
+
+
+def stages(schedulers: tuple[str, ...] = ("lms",)) -> tuple[str, ...]:
+    """STAGES, then generate_<scheduler> for every scheduler after the first (`generate` runs the first)."""
+    return STAGES + tuple(f"generate_{s}" for s in schedulers[1:])
 
 
 class Way:
@@ -44,6 +53,8 @@ class Way:
     name: str
 
     def stage(self, name: str) -> Callable[[], object]:
+        if name.startswith("generate_"):
+            return lambda: self.generate(name.split("_", 1)[1])
         return getattr(self, name)
 
     def sync(self) -> None:
@@ -78,16 +89,18 @@ def vae_sample(model, workload: Workload) -> dict[str, np.ndarray]:
 class TorchWay(Way):
     """(b), and with `authors=True` (a): the PyTorch pipeline on `device` in `dtype`."""
 
-    def __init__(self, models, workload: Workload, concept, device: str, dtype, authors: bool):
+    def __init__(self, models, workload: Workload, concept, device: str, dtype, authors: bool,
+                 compiled: bool = False):
         import torch
 
         from elite_export.authors_way import AuthorsPipeline, formula_self_attention
         from elite_export.graphs import model_dims
         from elite_export.pipeline import ElitePipeline
 
-        self.name = "authors" if authors else "reference"
+        self.name = "authors" if authors else "compiled" if compiled else "reference"
         self.torch, self.device = torch, torch.device(device)
         self.pipe = (AuthorsPipeline if authors else ElitePipeline)(models, device, dtype)
+        self.compiled = compiled and not authors
         self.attention = formula_self_attention(models.unet) if authors else nullcontext()
         self.workload, self.requests = workload, workload.requests(concept)
         dims = model_dims(models)
@@ -105,10 +118,14 @@ class TorchWay(Way):
 
     def __enter__(self) -> "TorchWay":
         self.attention.__enter__()
+        if self.compiled:  # in place: the pipeline's self.models.unet(...) calls the compiled forward
+            self.pipe.models.unet.compile(mode="reduce-overhead", fullgraph=False, dynamic=False)
         return self
 
     def __exit__(self, *exc) -> None:
         self.attention.__exit__(*exc)
+        if self.compiled:  # back to eager for whoever uses the models next
+            self.pipe.models.unet._compiled_call_impl = None
 
     def concept_encoder(self):
         return self.pipe.encode_concepts([r.concept for r in self.requests])
@@ -124,17 +141,18 @@ class TorchWay(Way):
     def vae_decoder(self):
         return self.pipe.decode(self.vae_in)
 
-    def generate(self):
-        return generated(self.name, self.pipe(self.requests, self.workload.settings()))
+    def generate(self, scheduler: str = "lms"):
+        return generated(self.name, self.pipe(self.requests, self.workload.settings(scheduler)))
 
 
 class RuntimeWay(Way):
-    """(c): RuntimePipeline on a bundle with the given runners (ONNX Runtime or TensorRT)."""
+    """(c): RuntimePipeline on a bundle with the given runners (ONNX Runtime or TensorRT). unet_step is
+    what a denoising step runs: the UNet bound to its conditioning once, called with latents and timestep."""
 
-    def __init__(self, bundle, runners: dict, workload: Workload, concept, backend: str):
-        from elite_export.runtime.pipeline import RuntimePipeline
+    def __init__(self, bundle, runners: dict, workload: Workload, concept, backend: str, name: str = ""):
+        from elite_export.runtime.pipeline import STEP_INPUTS, RuntimePipeline
 
-        self.name = f"runtime-{backend}"
+        self.name = name or f"runtime-{backend}"
         self.pipe = RuntimePipeline(bundle, runners)
         self.workload, self.requests = workload, workload.requests(concept)
         b = self.pipe.batch_size(workload.batch)
@@ -142,6 +160,9 @@ class RuntimeWay(Way):
         self.vae_dims = bundle.spec("vae_decoder").dims(b, workload.size, workload.size)
         self.unet_in = unet_sample(bundle.model, Workload(workload.size, b, workload.steps))
         self.vae_in = vae_sample(bundle.model, Workload(workload.size, b, workload.steps))
+        self.step_in = {k: v for k, v in self.unet_in.items() if k in STEP_INPUTS}
+        self.bound_unet = runners["unet"].bind({k: v for k, v in self.unet_in.items() if k not in STEP_INPUTS},
+                                               self.unet_dims)
         self.words, _ = self.pipe.encode_concepts([r.concept for r in self.requests])
 
     def concept_encoder(self):
@@ -151,13 +172,13 @@ class RuntimeWay(Way):
         return self.pipe.encode_text(self.requests, self.words)
 
     def unet_step(self):
-        return self.pipe.runners["unet"].run(self.unet_in, self.unet_dims)
+        return self.bound_unet(self.step_in)
 
     def vae_decoder(self):
         return self.pipe.runners["vae_decoder"].run(self.vae_in, self.vae_dims)
 
-    def generate(self):
-        return generated(self.name, self.pipe(self.requests, self.workload.settings()))
+    def generate(self, scheduler: str = "lms"):
+        return generated(self.name, self.pipe(self.requests, self.workload.settings(scheduler)))
 
     def bare_unet(self) -> Callable[[], object] | None:
         """The UNet session alone on inputs bound once (ONNX Runtime): the graph time without the runtime."""
