@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.elite-installed
 DEMO := demo_out
-# loadgroup: the HTTP service's tests (xdist_group "serve") share one worker and one service.
+# loadgroup: the HTTP service's tests share one worker and one service (tests/conftest.py XDIST_FILE_GROUPS).
 PYTEST_ARGS ?= -n 2 --dist loadgroup
 
 .PHONY: test demo typecheck venv

@@ -185,6 +185,8 @@ def encode(bundle, image, mask, output, backend, device, precision) -> None:
 @click.option("--port", type=int, default=8000, show_default=True, help="Port (0: a free one, printed).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", show_default=True)
 @device_option
+@precision_option
+@cuda_graph_option
 @threads_option
 @click.option("--replicas", type=int, default=1, show_default=True, help="Copies of the graphs (each a Ray actor; "
               "one GPU each with --device cuda).")
@@ -198,8 +200,8 @@ def encode(bundle, image, mask, output, backend, device, precision) -> None:
               help="Per request, from its arrival; past it 504 and its work is dropped.")
 @click.option("--concept-cache", type=int, default=128, show_default=True, help="Encoded concepts kept per replica.")
 @click.option("--max-upload-mb", type=float, default=16.0, show_default=True, help="Largest request body.")
-def serve(bundle, host, port, backend, device, threads, replicas, max_batch, batch_wait_ms, max_queue, timeout_s,
-          concept_cache, max_upload_mb) -> None:
+def serve(bundle, host, port, backend, device, precision, cuda_graph, threads, replicas, max_batch, batch_wait_ms,
+          max_queue, timeout_s, concept_cache, max_upload_mb) -> None:
     """Serve the bundle over HTTP (Ray Serve, started in this process): POST /v1/encode, POST /v1/generate,
     GET /health /ready /metrics, API docs at /docs. Ready once every graph is loaded and warmed.
 
@@ -212,7 +214,8 @@ def serve(bundle, host, port, backend, device, threads, replicas, max_batch, bat
     from elite_export.runtime.serve.launch import serve_until_stopped
     from elite_export.runtime.serve.options import ServeOptions
 
-    opts = ServeOptions(bundle=bundle, backend=backend, device=device, threads=threads, replicas=replicas,
+    opts = ServeOptions(bundle=bundle, backend=backend, device=device, precision=precision, cuda_graph=cuda_graph,
+                        threads=threads, replicas=replicas,
                         max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
                         concept_cache=concept_cache, max_upload_mb=max_upload_mb)
     serve_until_stopped(opts, host, port, click.echo)

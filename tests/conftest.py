@@ -98,3 +98,22 @@ def toy_bundle(tmp_path_factory) -> Path:
             ranges = ShapeRanges(TOY_RANGES["batch"], TOY_RANGES["size"])
             build_bundle(toy_checkpoints(str(bundle), 0), str(bundle), BuildOptions(ranges=ranges))
     return bundle
+
+
+# Test files whose tests share one xdist worker under `make test` (--dist loadgroup), in file order:
+# test_serve.py starts one HTTP service (Ray) for its module. xdist's own loadgroup reads the
+# xdist_group mark through a nodeid suffix that pytest 9.2 ignores, so the grouping is by file here.
+XDIST_FILE_GROUPS = {"tests/test_serve.py": "serve"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class FileGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return XDIST_FILE_GROUPS.get(nodeid.split("::")[0], super()._split_scope(nodeid))
+
+    return FileGroupScheduling(config, log)

@@ -5,8 +5,8 @@ The bundle's UNet gives NaN on rows whose placeholder is token 5 ("a photo of a 
 poison_unet, x * 1 on every other row): the service's per-row failure is tested alongside, and the CLI
 references run on the same bundle.
 
-One service for the module (its tests share one xdist worker: --dist loadgroup); the test that kills
-the replica runs last."""
+One service for the module (its tests share one xdist worker under `make test`: conftest.py's
+XDIST_FILE_GROUPS); the test that kills the replica runs last."""
 from __future__ import annotations
 
 import asyncio
@@ -32,8 +32,6 @@ from conftest import concept_files
 
 pytest.importorskip("ray.serve", reason="the serve extra is not installed: pip install 'elite-export[serve]'")
 httpx = pytest.importorskip("httpx")
-
-pytestmark = pytest.mark.xdist_group("serve")
 
 IMAGE, MASK = concept_files(7)
 MAX_QUEUE, STEPS, START_S = 10, 6, 300

@@ -93,6 +93,8 @@ def test_the_config_file_is_a_valid_serve_config_for_the_builder(toy_bundle):
     assert service.ray_actor_options["num_gpus"] == 1 and service.max_ongoing_requests == 36
     from elite_export.errors import EliteError
 
+    with pytest.raises(EliteError, match="--precision must be one of auto, fp32, fp16, cuda, not 'fp8'"):
+        build({**args, "precision": "fp8"})
     with pytest.raises(EliteError, match="unknown service option"):
         build({**args, "colour": "red"})
     with pytest.raises(EliteError, match="needs `bundle`"):

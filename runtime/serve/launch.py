@@ -57,7 +57,7 @@ def check_bundle(opts: ServeOptions) -> int:
     from elite_export.specs import GRAPH_NAMES
 
     bundle = Bundle.open(opts.bundle)
-    if opts.backend == "onnxruntime":
+    if opts.backend == "onnxruntime" and opts.precision in ("auto", "fp32") and opts.device == "cpu":
         problems = bundle.verify(GRAPH_NAMES, "fp32", full=False)
         if problems:
             raise EliteError(f"bundle {bundle.root!r}: {problems[0]}; rebuild it with `elite-export build`")

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, fields
 
 from elite_export.errors import EliteError
 
+PRECISIONS = ("auto", "fp32", "fp16", "cuda")  # elite-run's --precision
+
 
 @dataclass
 class ServeOptions:
@@ -12,6 +14,8 @@ class ServeOptions:
     backend: str = "onnxruntime"
     device: str = "cpu"
     threads: int = 0  # onnxruntime intra-op threads per replica (0: its choice)
+    precision: str = "auto"  # which of the bundle's graphs onnxruntime runs: auto | fp32 | fp16 | cuda
+    cuda_graph: bool = False  # replay the UNet step as a CUDA graph (static bundles, --device cuda)
     replicas: int = 1
     max_batch: int = 0  # images per pipeline call; 0: the bundle's max
     batch_wait_ms: float = 10.0  # how long a batch waits to fill
@@ -52,6 +56,8 @@ class ServeOptions:
             raise EliteError(f"the service runs --backend {' or '.join(BACKENDS)}, not {self.backend!r}")
         if self.device not in ("cpu", "cuda"):
             raise EliteError(f"--device must be cpu or cuda, not {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise EliteError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         for name, lo in (("replicas", 1), ("max_queue", 1), ("concept_cache", 1), ("concept_store", 1),
                          ("max_images", 1), ("threads", 0), ("max_batch", 0), ("max_pixels", 1)):
             if getattr(self, name) < lo:

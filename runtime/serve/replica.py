@@ -81,7 +81,8 @@ class Replica:
                  store_put: StorePut | None = None):
         self.opts, self.replica_id, self.pid = opts, replica_id, os.getpid()
         t0 = time.perf_counter()
-        self.gen = Generator(opts.bundle, opts.backend, opts.device, opts.threads)
+        self.gen = Generator(opts.bundle, opts.backend, opts.device, opts.threads, precision=opts.precision,
+                             cuda_graph=opts.cuda_graph)
         if opts.warmup:
             self.gen.warmup()
         self.start_seconds = time.perf_counter() - t0
@@ -97,7 +98,8 @@ class Replica:
     def info(self) -> dict:
         b = self.gen.bundle
         return {"ready": True, "replica": self.replica_id, "pid": self.pid, "bundle_id": b.id,
-                "backend": self.opts.backend, "device": self.opts.device, "max_batch": self.max_batch,
+                "backend": self.opts.backend, "device": self.opts.device, "precision": self.opts.precision,
+                "cuda_graph": self.opts.cuda_graph, "max_batch": self.max_batch,
                 "batch_wait_ms": self.opts.batch_wait_ms, "max_queue": self.opts.max_queue,
                 "timeout_s": self.opts.timeout_s, "sizes": list(b.ranges.size),
                 "placeholders": list(self.gen.placeholders), "local_mode": bool(b.manifest["has_local_mapper"]), "queue": self.waiting, "running": self.running,
