@@ -35,4 +35,7 @@ demo: $(STAMP)
 	$(BIN)/elite-run --bundle $(DEMO)/bundle --image calib/concepts/7.jpg --mask calib/concepts/7_bg.png \
 	  --prompt "a S in the style of Van Gogh" --prompt "a S on the beach" --steps 25 --height 256 --width 256 \
 	  -o $(DEMO)/images
+	$(BIN)/elite-run --bundle $(DEMO)/bundle --image calib/concepts/7.jpg --mask calib/concepts/7_bg.png \
+	  --image calib/concepts/4.png --mask calib/concepts/4_bg.png --compose --prompt "a S and a V on the beach" \
+	  --lambda 0.8 --lambda 0.6 --steps 25 --height 256 --width 256 -o $(DEMO)/images
 	@echo "images in $(DEMO)/images; check every graph against PyTorch with: $(BIN)/elite-export check $(DEMO)/bundle"

@@ -14,9 +14,12 @@ max are fp32: in fp16 m can underflow to 0 and 0/0 is NaN, which lam = 0 would n
 C = 1 this is the single-concept formula op for op; a concept with lam = 0 adds exactly 0 (padding
 rows of fewer concepts, unconditional rows).
 
-The ELITE inputs travel as `cross_attention_kwargs`: elite_local [B,C,P,D], elite_index [B,C],
-elite_lambda [B,C] (or [B,P,D], [B], [B] for one concept); every `attn1` gets `SelfAttnProcessor`,
-the stock SDPA self-attention that accepts (and ignores) them.
+The ELITE inputs travel as `cross_attention_kwargs`: elite_local [R,C,P,D], elite_index [R,C],
+elite_lambda [R,C] (or [R,P,D], [R], [R] for one concept) for the last R <= B rows of the batch;
+the rows before them get no local branch, exactly as with lambdas 0 (the UNet graph and the
+pipeline pass the conditional half of [uncond; cond]: ELITE's unconditional pass has no local
+branch, so it is not computed). Every
+`attn1` gets `SelfAttnProcessor`, the stock SDPA self-attention that accepts (and ignores) them.
 """
 from __future__ import annotations
 
@@ -46,9 +49,9 @@ class EliteCrossAttnProcessor(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,  # [B,77,D]
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        elite_local: torch.Tensor | None = None,  # [B,C,P,D] each concept's local tokens (masked)
-        elite_index: torch.Tensor | None = None,  # [B,C] position of each concept's word in the text
-        elite_lambda: torch.Tensor | None = None,  # [B,C] local weights; 0 on unconditional rows
+        elite_local: torch.Tensor | None = None,  # [R,C,P,D] each concept's local tokens (masked)
+        elite_index: torch.Tensor | None = None,  # [R,C] position of each concept's word in the text
+        elite_lambda: torch.Tensor | None = None,  # [R,C] local weights
     ) -> torch.Tensor:
         B, N, _ = hidden_states.shape
         H = attn.heads
@@ -60,33 +63,42 @@ class EliteCrossAttnProcessor(nn.Module):
         q3 = attn.to_q(hidden_states)  # [B,N,H*d]
         q, k, v = heads(q3), heads(attn.to_k(context)), heads(attn.to_v(context))
         local = elite_local is not None
-        if local:
+        if local:  # the local branch covers the last R of the B rows (R < B: the rows before have none)
             elite_local, elite_index, lam = concept_axis(elite_local, elite_index, elite_lambda)
-            C = elite_local.shape[1]
+            R, C = elite_local.shape[:2]
+            first = B - R
         if local and self.attention == "plugin":
             from elite_export.engines.attention_op import elite_cross_attention_op
 
             def heads5(x: torch.Tensor) -> torch.Tensor:  # [B,C,P,H*d] -> [B,C,H,P,d]
                 return x.view(B, C, x.shape[2], H, -1).transpose(2, 3)
 
+            elite_local, elite_index, lam = (pad_rows(t, first) for t in (elite_local, elite_index, lam))  # lam 0
             k_l, v_l = heads5(self.to_k_local(elite_local)), heads5(self.to_v_local(elite_local))
             out, out_l, m = elite_cross_attention_op(q, k, v, k_l, v_l, elite_index.to(torch.int32))
+            first = 0
         else:
             probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)  # [B,H,N,77]
             out = probs @ v  # [B,H,N,d]
             if local:
-                idx = elite_index.long().view(B, 1, 1, C).expand(B, H, N, C)
-                m = probs.gather(-1, idx).permute(0, 3, 1, 2)  # [B,C,H,N]
-                # (request, concept) pairs as rows of one attention: q of row b for each of its C concepts
-                rows = torch.arange(B, device=q3.device).unsqueeze(1).expand(B, C).reshape(B * C)
-                local3 = elite_local.reshape(B * C, elite_local.shape[2], elite_local.shape[3])  # [B*C,P,D]
+                idx = elite_index.long().view(R, 1, 1, C).expand(R, H, N, C)
+                m = probs[first:].gather(-1, idx).permute(0, 3, 1, 2)  # [R,C,H,N]
+                # (row, concept) pairs as the rows of one attention: q of row first+r for each of its C concepts
+                rows = first + torch.arange(R, device=q3.device).unsqueeze(1).expand(R, C).reshape(R * C)
+                local3 = elite_local.reshape(R * C, elite_local.shape[2], elite_local.shape[3])  # [R*C,P,D]
                 q_l, k_l, v_l = heads(q3[rows]), heads(self.to_k_local(local3)), heads(self.to_v_local(local3))
-                out_l = (q_l @ k_l.transpose(-1, -2) * attn.scale).softmax(dim=-1) @ v_l  # [B*C,H,N,d]
-                out_l = out_l.view(B, C, H, N, -1)  # [B,C,H,N,d]
+                out_l = (q_l @ k_l.transpose(-1, -2) * attn.scale).softmax(dim=-1) @ v_l  # [R*C,H,N,d]
+                out_l = out_l.view(R, C, H, N, -1)  # [R,C,H,N,d]
         if local:
-            out = out + (self.local_scale(m, lam) * out_l.float()).sum(dim=1).to(out.dtype)  # fp32 products, sum
+            add = (self.local_scale(m, lam) * out_l.float()).sum(dim=1).to(out.dtype)  # fp32 products and sum
+            out = torch.cat([out[:first], out[first:] + add])  # [B,H,N,d]
         out = out.transpose(1, 2).reshape(B, N, -1)  # [B,N,H*d]
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def pad_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n rows of zeros before x's rows."""
+    return torch.cat([x.new_zeros((n, *x.shape[1:])), x])
 
 
 def concept_axis(local: torch.Tensor, index: torch.Tensor, lam: torch.Tensor | None

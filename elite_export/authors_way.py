@@ -49,9 +49,9 @@ class AuthorsPipeline(ElitePipeline):
     formula_self_attention(models.unet) for their self-attention too)."""
 
     @torch.no_grad()
-    def predict_noise(self, x, t, text2, local2, index2, lam2):
+    def predict_noise(self, x, t, text2, local, index, lam):
         B = x.shape[0]
         t1 = t.to(self.device, torch.float32).expand(B)
-        eps_c = self.unet_step(x, t1, text2[B:], local2[B:], index2[B:], lam2[B:])
+        eps_c = self.unet_step(x, t1, text2[B:], local, index, lam)
         eps_u = self.unet_step(x, t1, text2[:B], None, None, None)  # no local branch
         return eps_u, eps_c

@@ -74,7 +74,10 @@ def dynamic_shapes(spec: GraphSpec, ranges: ShapeRanges) -> dict[str, dict[int, 
     axes = spec.dynamic_axes(ranges)
     varying = {s for a in axes.values() for s in a.values()}
     dims = {}
-    if "B" in varying:
+    if "R" in varying and any("R" in t.shape for t in spec.inputs):  # requests R, graph batch B = f R
+        dims["R"] = Dim("R", min=ranges.batch[0], max=ranges.batch[2])
+        dims["B"] = dims["R"] * f if f > 1 else dims["R"]
+    elif "B" in varying:
         dims["B"] = Dim("B", min=ranges.batch[0] * f, max=ranges.batch[2] * f)
     if "h" in varying:
         dims["h"] = Dim("h_blocks", min=blocks[0], max=blocks[1]) * lm
@@ -145,7 +148,7 @@ def quiet_exporter():
 
 
 def name_io_dims(model: onnx.ModelProto, spec: GraphSpec, ranges: ShapeRanges) -> None:
-    """Rename the graph I/O's dynamic dims to the spec's symbols (B, h, w, Y, X, K, NC)."""
+    """Rename the graph I/O's dynamic dims to the spec's symbols (B, R, h, w, Y, X, K, NC)."""
     axes = spec.dynamic_axes(ranges)
     for vi in list(model.graph.input) + list(model.graph.output):
         for i, sym in axes.get(vi.name, {}).items():

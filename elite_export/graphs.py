@@ -39,8 +39,9 @@ class TextEncoderGraph(nn.Module):
 
 
 class UnetGraph(nn.Module):
-    """One denoising call on N = 2B rows [uncond; cond] -> noise_pred [N,C,h,w]; local_tokens [N,NC,P,D],
-    placeholder_index and lam [N,NC] (see attention.EliteCrossAttnProcessor)."""
+    """One denoising call on N = 2R rows [uncond; cond] -> noise_pred [N,C,h,w]; local_tokens [R,NC,P,D],
+    placeholder_index and lam [R,NC] for the R conditional rows (attention.EliteCrossAttnProcessor: the
+    local branch covers the last R rows; the unconditional rows have none)."""
 
     def __init__(self, models: EliteModels):
         super().__init__()

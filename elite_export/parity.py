@@ -170,9 +170,9 @@ def concept_cases(bundle: Bundle, models: EliteModels, concepts: list[tuple[str,
             for t in timesteps:
                 un_in = {"latents": rng.standard_normal((2, model.latent_channels, h, h)).astype(np.float32),
                          "timestep": np.full(2, t, np.float32), "text_embeddings": np.concatenate([uncond, text]),
-                         "local_tokens": np.concatenate([local, local])[:, None],  # [2,1,P,D]: one concept
-                         "placeholder_index": np.array([[idx], [idx]]),
-                         "lam": np.array([[0.0], [bundle.manifest["default_lambda"]]], np.float32)}
+                         "local_tokens": local[:, None],  # [1,1,P,D]: one concept, the conditional row
+                         "placeholder_index": np.array([[idx]]),
+                         "lam": np.array([[bundle.manifest["default_lambda"]]], np.float32)}
                 yield Case("unet", f"{tag} '{prompt}' t{t}", un_spec.dims(1, size, size), un_in)
         h = size // model.vae_factor
         lat = (rng.standard_normal((1, model.latent_channels, h, h)) * 0.8).astype(np.float32)

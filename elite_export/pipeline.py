@@ -4,7 +4,8 @@ Each request (concepts, prompt, seed, mode, words, lambdas) is one row; the rows
 the scheduler, step count and size, and are independent of each other: noise is drawn per row
 from its own seed, the attention max is per sample and concept, rows with fewer concepts are padded
 with absent ones (runtime/composition.py), and classifier-free guidance runs as one UNet call on
-[uncond rows; cond rows] with every lambda 0 on the unconditional rows. Concept c's words are
+[uncond rows; cond rows], the local branch on the conditional rows only (ELITE's lambda 0 on the
+unconditional ones). Concept c's words are
 injected at the prompt's c-th placeholder and its local branch reads the attention paid to them
 (elite_export/attention.py has the formula).
 """
@@ -91,21 +92,22 @@ class ElitePipeline:
         return self.models.text_encoder(ids, words, index.to(self.device))
 
     @torch.no_grad()
-    def unet_step(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, local: torch.Tensor,
-                  index: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """One UNet call on N rows: latents [N,4,h,w], t [N], text [N,77,D], local [N,C,P,D], index/lam [N,C]
-        (index: each concept's first word in the text)."""
+    def unet_step(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, local: torch.Tensor | None,
+                  index: torch.Tensor | None, lam: torch.Tensor | None) -> torch.Tensor:
+        """One UNet call on N rows: latents [N,4,h,w], t [N], text [N,77,D]; local [R,C,P,D], index/lam [R,C]
+        for the last R <= N rows (index: each concept's first word in the text; None: no local branch)."""
         kwargs = {"elite_local": local, "elite_index": index, "elite_lambda": lam}
         with self.timer.stage("unet"):
             return self.models.unet(latents, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
 
     @torch.no_grad()
-    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, text2: torch.Tensor, local2: torch.Tensor,
-                      index2: torch.Tensor, lam2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(eps_uncond, eps_cond) [B,4,h,w] for latents x [B,4,h,w] at scalar timestep t: one UNet call
-        on [uncond; cond] rows (text2, local2, index2, lam2 hold 2B rows in that order)."""
+    def predict_noise(self, x: torch.Tensor, t: torch.Tensor, text2: torch.Tensor, local: torch.Tensor,
+                      index: torch.Tensor, lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_uncond, eps_cond) [B,4,h,w] for latents x [B,4,h,w] at scalar timestep t: one UNet call on
+        [uncond; cond] rows (text2: 2B rows in that order); local [B,C,P,D], index/lam [B,C] for the
+        conditional rows (the unconditional ones have no local branch)."""
         t2 = t.to(self.device, torch.float32).expand(2 * x.shape[0])
-        return self.unet_step(torch.cat([x, x]), t2, text2, local2, index2, lam2).chunk(2)
+        return self.unet_step(torch.cat([x, x]), t2, text2, local, index, lam).chunk(2)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -161,8 +163,7 @@ class ElitePipeline:
         result = GenerationResult(np.zeros((B, settings.height, settings.width, 3), np.uint8), [None] * B)
         text, local, index, lam = self.conditioning(requests, result)
         uncond = self.encode_text([""], None).expand(B, -1, -1)
-        text2, local2 = torch.cat([uncond, text]), torch.cat([local, local])
-        index2, lam2 = torch.cat([index, index]), torch.cat([torch.zeros_like(lam), lam])
+        text2 = torch.cat([uncond, text])
         scheduler = make_diffusers_scheduler(settings.scheduler, settings.scheduler_config)
         scheduler.set_timesteps(settings.steps)
         in_ch = self.models.unet.config.in_channels
@@ -172,7 +173,7 @@ class ElitePipeline:
             if result.all_failed:
                 break
             x = scheduler.scale_model_input(latents, t)
-            eps_u, eps_c = self.predict_noise(x, t, text2, local2, index2, lam2)
+            eps_u, eps_c = self.predict_noise(x, t, text2, local, index, lam)
             eps = eps_u + settings.guidance * (eps_c - eps_u)
             latents = scheduler.step(eps, t, latents).prev_sample
             ok = finite(latents)

@@ -3,8 +3,8 @@
 Export, parity checks, TensorRT profiles and the runtime's buffer shapes all read these; nothing
 restates them. Torch-free (numpy only): the runtime and the engine builder import this module.
 
-Symbols in shapes: B graph batch (for the UNet, 2x the requests: [uncond; cond]), K injected
-words, NC concepts per prompt, h/w latent size, Y/X image size in px, and the model dims of
+Symbols in shapes: B graph batch (for the UNet, 2x the requests: [uncond; cond]), R requests, K
+injected words, NC concepts per prompt, h/w latent size, Y/X image size in px, and the model dims of
 `ModelDims` (D, C, T, P, ...).
 """
 from __future__ import annotations
@@ -100,7 +100,7 @@ class GraphSpec:
     def dims(self, batch: int, height: int = 512, width: int = 512, k: int = 1, concepts: int = 1) -> dict[str, int]:
         """Concrete symbols for `batch` requests at height x width px with K words and `concepts` concepts."""
         m = self.model
-        return {"B": batch * self.batch_factor, "K": k, "NC": concepts,
+        return {"B": batch * self.batch_factor, "R": batch, "K": k, "NC": concepts,
                 "h": height // m.vae_factor, "w": width // m.vae_factor,
                 "Y": height, "X": width, "D": m.text_dim, "C": m.latent_channels, "T": m.tokens,
                 "P": m.patches, "W5": m.words, "I": m.image_size}
@@ -113,7 +113,7 @@ class GraphSpec:
 
     def dynamic_axes(self, ranges: ShapeRanges) -> dict[str, dict[int, str]]:
         """{tensor: {axis: symbol}} for the axes that vary within `ranges` (none when static)."""
-        varying = {"B"} if ranges.batch[0] != ranges.batch[2] else set()
+        varying = {"B", "R"} if ranges.batch[0] != ranges.batch[2] else set()
         if ranges.size[0] != ranges.size[2]:
             varying |= {"h", "w", "Y", "X"}
         if self.k_range[0] != self.k_range[2]:
@@ -182,14 +182,16 @@ class TextEncoderSpec(GraphSpec):
 
 
 class UnetSpec(GraphSpec):
-    """The UNet with ELITE cross-attention; rows are [uncond; cond] (lam = 0 on uncond rows).
+    """The UNet with ELITE cross-attention on B = 2R rows [uncond; cond] for R requests.
 
-    Per row and concept: local_tokens [B,NC,P,D], placeholder_index [B,NC] (the position of the
-    concept's first word in text_embeddings), lam [B,NC] (0: the concept adds nothing)."""
+    Per request and concept, for its conditional row: local_tokens [R,NC,P,D], placeholder_index
+    [R,NC] (the position of the concept's first word in text_embeddings), lam [R,NC] (0: the concept
+    adds nothing). The unconditional rows have no local branch (ELITE's lambda 0 there), so it is not
+    computed for them."""
     name = "unet"
     inputs = (TensorSpec("latents", ("B", "C", "h", "w")), TensorSpec("timestep", ("B",)),
-              TensorSpec("text_embeddings", ("B", "T", "D")), TensorSpec("local_tokens", ("B", "NC", "P", "D")),
-              TensorSpec("placeholder_index", ("B", "NC"), "int64"), TensorSpec("lam", ("B", "NC")))
+              TensorSpec("text_embeddings", ("B", "T", "D")), TensorSpec("local_tokens", ("R", "NC", "P", "D")),
+              TensorSpec("placeholder_index", ("R", "NC"), "int64"), TensorSpec("lam", ("R", "NC")))
     outputs = (TensorSpec("noise_pred", ("B", "C", "h", "w")),)
     tolerance = {"fp32": Tolerance(1e-4, 1e-3), "fp16": Tolerance(5e-2, 5e-2)}
     batch_factor = 2
@@ -199,10 +201,8 @@ class UnetSpec(GraphSpec):
             return np.full(shape, 500.0, dtype=np.float32)
         if t.name == "placeholder_index":
             return rng.integers(1, 11, shape).astype(np.int64)
-        if t.name == "lam":  # first half unconditional; concept c of a conditional row: 0.8 * 0.75^c
-            lam = np.tile((0.8 * 0.75 ** np.arange(shape[1])).astype(np.float32), (shape[0], 1))
-            lam[: shape[0] // 2] = 0.0
-            return lam
+        if t.name == "lam":  # concept c: 0.8 * 0.75^c
+            return np.tile((0.8 * 0.75 ** np.arange(shape[1])).astype(np.float32), (shape[0], 1))
         return rng.standard_normal(shape).astype(np.float32)
 
 

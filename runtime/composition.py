@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from elite_export.errors import EliteError
 from elite_export.runtime.prompt import PromptTokenizer
 from elite_export.runtime.requests import Concept, Request
 
@@ -42,8 +43,6 @@ class ConceptLayout:
 def layout(requests: list[Request], tokenizer: PromptTokenizer, min_concepts: int = 1,
            max_concepts: int | None = None) -> ConceptLayout:
     """Tokenize each prompt for its concepts (user errors here, before any graph runs) and pad."""
-    from elite_export.errors import EliteError
-
     most = max(len(r.concepts) for r in requests)
     if max_concepts is not None and most > max_concepts:
         raise EliteError(f"a request has {most} concepts; this model takes at most {max_concepts} per prompt "

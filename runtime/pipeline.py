@@ -1,8 +1,8 @@
 """ELITE generation entirely through a bundle's graphs (no torch, diffusers or transformers).
 
 Per batch of requests: concept encoder once per concept (skipped for .concept files), text encoder
-once per number of injected words, then one UNet call per step on [uncond; cond] rows (every lambda
-0 on uncond rows), the numpy scheduler, and the VAE decoder. Noise is torch.randn's, bit for bit.
+once per number of injected words, then one UNet call per step on [uncond; cond] rows (the local
+branch on the conditional rows only), the numpy scheduler, and the VAE decoder. Noise is torch.randn's, bit for bit.
 Requests may carry several concepts each: the graphs run the batch's largest count, the other rows
 padded with absent concepts (composition.py), so each row gets what it would get alone.
 """
@@ -151,9 +151,8 @@ class RuntimePipeline:
         feed = {"latents": np.empty((2 * b, m.latent_channels, h, w), np.float32),
                 "timestep": np.empty(2 * b, np.float32),
                 "text_embeddings": np.concatenate([np.repeat(self.uncond, b, axis=0), text[pad]]),
-                "local_tokens": np.concatenate([local[pad], local[pad]]),  # [2b,C,P,D]
-                "placeholder_index": np.concatenate([idx, idx]),  # [2b,C]
-                "lam": np.concatenate([np.zeros_like(lam), lam])}  # [2b,C]: 0 on unconditional rows
+                "local_tokens": local[pad],  # [b,C,P,D]: the conditional rows' (the uncond rows have none)
+                "placeholder_index": idx, "lam": lam}  # [b,C]
         step_feed = {k: feed.pop(k) for k in STEP_INPUTS}
         unet = self.runners["unet"].bind(feed, dims)  # the conditioning: on a device, uploaded once here
         scheduler = make_scheduler(settings.scheduler, self.bundle.manifest["scheduler_config"], settings.steps)

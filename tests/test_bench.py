@@ -16,12 +16,12 @@ def test_authors_two_unbatched_calls_equal_the_batched_call(toy_models, concept)
     reference, authors = ElitePipeline(toy_models), AuthorsPipeline(toy_models)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, 32, 32, generator=gen)
-    text2, local2 = torch.randn(2, 77, toy_models.text_dim, generator=gen), torch.randn(2, 256, toy_models.text_dim)
-    index2, lam2 = torch.tensor([3, 3]), torch.tensor([0.0, 0.8])
+    text2, local = torch.randn(2, 77, toy_models.text_dim, generator=gen), torch.randn(1, 256, toy_models.text_dim)
+    index, lam = torch.tensor([3]), torch.tensor([0.8])  # the conditional row's local branch
     t = torch.tensor(500.0)
-    want = reference.predict_noise(x, t, text2, local2, index2, lam2)
+    want = reference.predict_noise(x, t, text2, local, index, lam)
     with formula_self_attention(toy_models.unet):
-        got = authors.predict_noise(x, t, text2, local2, index2, lam2)
+        got = authors.predict_noise(x, t, text2, local, index, lam)
     for g, w, what in zip(got, want, ("uncond", "cond")):
         assert_close(g, w, atol=1e-5, what=f"authors' {what} call vs the batched one")
     attn1 = [p for name, p in toy_models.unet.attn_processors.items() if ".attn1." in name]

@@ -139,8 +139,9 @@ def test_unet_profile_doubles_the_batch_and_divides_pixels_by_8():
     assert profile["latents"] == ((2, 4, 32, 32), (4, 4, 64, 64), (8, 4, 128, 128))  # N = 2B, latent = px/8
     assert profile["text_embeddings"] == ((2, 77, 768), (4, 77, 768), (8, 77, 768))
     # the concept axis: 1 (min, opt) to 3 (max) concepts per prompt by default
-    assert profile["local_tokens"] == ((2, 1, 256, 768), (4, 1, 256, 768), (8, 3, 256, 768))
-    assert profile["placeholder_index"] == ((2, 1), (4, 1), (8, 3)) and profile["lam"] == ((2, 1), (4, 1), (8, 3))
+    # per request (the conditional rows), with the concept axis: 1 (min, opt) to 3 (max) concepts by default
+    assert profile["local_tokens"] == ((1, 1, 256, 768), (2, 1, 256, 768), (4, 3, 256, 768))
+    assert profile["placeholder_index"] == ((1, 1), (2, 1), (4, 3)) and profile["lam"] == ((1, 1), (2, 1), (4, 3))
     assert set(profile) == {t.name for t in UnetSpec.inputs}
 
 
@@ -148,7 +149,7 @@ def test_static_profiles_keep_the_opt_point():
     ranges = ShapeRanges(batch=(1, 2, 4), size=(256, 512, 1024), concepts=(1, 2, 3))
     unet = engine_profile(UnetSpec(ModelDims()), ranges, static=True)
     assert all(lo == opt == hi for lo, opt, hi in unet.values()) and unet["latents"][0] == (4, 4, 64, 64)
-    assert unet["local_tokens"][0] == (4, 2, 256, 768)  # the opt concept count
+    assert unet["local_tokens"][0] == (2, 2, 256, 768)  # the opt requests and concept count
     text = engine_profile(TextEncoderSpec(ModelDims()), ranges, static=True)
     assert text["words"] == ((2, 2, 1, 768), (2, 2, 5, 768), (2, 2, 5, 768))  # K keeps its range: K=1 and K=5
     assert text["input_ids"] == ((2, 77),) * 3
@@ -165,7 +166,7 @@ def test_profiles_follow_model_dims():
     dims = replace(ModelDims(), text_dim=32, patches=16)
     profile = engine_profile(UnetSpec(dims), ShapeRanges(batch=(1, 1, 1), size=(64, 64, 64), concepts=(2, 2, 2)),
                              False)
-    assert profile["local_tokens"] == ((2, 2, 16, 32),) * 3 and profile["latents"] == ((2, 4, 8, 8),) * 3
+    assert profile["local_tokens"] == ((1, 2, 16, 32),) * 3 and profile["latents"] == ((2, 4, 8, 8),) * 3
 
 
 # --- plugin detection and engine keys ------------------------------------------------------------
