@@ -94,9 +94,11 @@ def poison_unet(bundle_dir, placeholder_index: int) -> None:
                           helper.make_tensor("poison_shape", TensorProto.INT64, [4], [-1, 1, 1, 1]),
                           helper.make_tensor("poison_first", TensorProto.INT64, [], [0])])
     g.node.extend([helper.make_node("Gather", ["placeholder_index", "poison_first"], ["poison_index"], axis=1),
-                   helper.make_node("Equal", ["poison_index", "poison_at"], ["poison_rows"]),  # [B]: concept 1's
+                   helper.make_node("Equal", ["poison_index", "poison_at"], ["poison_rows"]),  # [R]: concept 1's
                    helper.make_node("Where", ["poison_rows", "poison_nan", "poison_one"], ["poison_factor"]),
-                   helper.make_node("Reshape", ["poison_factor", "poison_shape"], ["poison_b1"]),  # [B,1,1,1]
+                   # the UNet runs 2R rows [uncond; cond]: poison both halves of a request
+                   helper.make_node("Concat", ["poison_factor", "poison_factor"], ["poison_2r"], axis=0),
+                   helper.make_node("Reshape", ["poison_2r", "poison_shape"], ["poison_b1"]),  # [2R,1,1,1]
                    helper.make_node("Mul", ["noise_pred_clean", "poison_b1"], ["noise_pred"])])
     onnx.save(model, path)
     entry["sha256"], entry["bytes"][entry["path"]] = file_sha256(path), os.path.getsize(path)

@@ -34,8 +34,10 @@ pytest.importorskip("ray.serve", reason="the serve extra is not installed: pip i
 httpx = pytest.importorskip("httpx")
 
 IMAGE, MASK = concept_files(7)
+IMAGE2, MASK2 = concept_files(4)
 MAX_QUEUE, STEPS, START_S = 10, 6, 300
 P1, P2, Q, R = "a S in the style of Van Gogh", "a S on the beach", "a S in the jungle", "a S"
+TWO = "a S and a V on the beach"  # composition: concept 1 is S, concept 2 is V
 POISONED = "a photo of a S"  # placeholder at token 5: NaN in this bundle's UNet
 
 
@@ -95,23 +97,28 @@ def service(serve_bundle, tmp_path_factory):
     assert proc.returncode == 0, log.read_text()[-3000:]
 
 
-@pytest.fixture(scope="module")
-def concept_id(service):
-    async def encode():
+def encode(service, image: str, mask: str) -> str:
+    async def go():
         async with service.client() as c:
-            r = await c.post("/v1/encode", files={"image": ("7.jpg", open(IMAGE, "rb").read()),
-                                                  "mask": ("7_bg.png", open(MASK, "rb").read())})
+            r = await c.post("/v1/encode", files={"image": (os.path.basename(image), open(image, "rb").read()),
+                                                  "mask": (os.path.basename(mask), open(mask, "rb").read())})
             assert r.status_code == 200, r.text
             return r.json()
-    return asyncio.run(encode())["concept_id"]
+    return asyncio.run(go())["concept_id"]
 
 
-def cli_images(bundle, tmp_path: Path, name: str, prompts: list[str], *extra: str) -> list[tuple[np.ndarray, dict]]:
+@pytest.fixture(scope="module")
+def concept_id(service):
+    return encode(service, IMAGE, MASK)
+
+
+def cli_images(bundle, tmp_path: Path, name: str, prompts: list[str], *extra: str,
+               concepts: tuple[str, ...] = ("--image", IMAGE, "--mask", MASK)) -> list[tuple[np.ndarray, dict]]:
     from elite_export.runtime.cli import main as elite_run
     from elite_export.runtime.images import read_png_meta
 
     out = tmp_path / name
-    args = ["--bundle", str(bundle), "--image", IMAGE, "--mask", MASK, "--steps", str(STEPS), "--height", "256",
+    args = ["--bundle", str(bundle), *concepts, "--steps", str(STEPS), "--height", "256",
             "--quiet", "-o", str(out), *extra] + [x for p in prompts for x in ("--prompt", p)]
     result = CliRunner().invoke(elite_run, args)
     assert result.exit_code == 0, result.output
@@ -149,7 +156,14 @@ def test_concurrent_clients_get_the_cli_images_and_a_nan_row_fails_alone(service
     run2 = cli_images(serve_bundle, tmp_path, "run2", [Q], "--seed", "20", "--width", "256", "--mode", "global",
                       "--words", "3", "--lambda", "0.6")
     run3 = cli_images(serve_bundle, tmp_path, "run3", [R], "--seed", "30", "--width", "320")
+    pairs = ("--image", IMAGE, "--mask", MASK, "--image", IMAGE2, "--mask", MASK2)
+    run4 = cli_images(serve_bundle, tmp_path, "run4", [TWO], "--seed", "50", "--width", "256", "--compose",
+                      "--lambda", "0.8", "--lambda", "0.5", concepts=pairs)
+    second_id = encode(service, IMAGE2, MASK2)
     base = {"concept_id": concept_id, "steps": STEPS, "height": 256, "width": 256}
+    two_files = [("image", ("7.jpg", open(IMAGE, "rb").read())), ("mask", ("7_bg.png", open(MASK, "rb").read())),
+                 ("image", (os.path.basename(IMAGE2), open(IMAGE2, "rb").read())),
+                 ("mask", (os.path.basename(MASK2), open(MASK2, "rb").read()))]
     jobs = [  # (body or (form, files), the CLI images it must equal)
         ({**base, "prompt": P1, "n": 2, "seed": 10}, run1[:2]),
         ({**base, "prompt": P2, "seed": 12}, run1[2:]),
@@ -160,6 +174,10 @@ def test_concurrent_clients_get_the_cli_images_and_a_nan_row_fails_alone(service
         ({**base, "prompt": R, "seed": 30, "width": 320}, run3),
         ({**base, "prompt": P2, "seed": 12, "format": "json"}, run1[2:]),
         ({**base, "prompt": POISONED, "seed": 40}, None),  # batched with the others: fails alone
+        # two concepts in one prompt, batched with one-concept rows: by ids, and as two uploaded pairs
+        ({**base, "concept_id": [concept_id, second_id], "prompt": TWO, "seed": 50, "lambda": [0.8, 0.5]}, run4),
+        (({"prompt": TWO, "seed": "50", "lambda": ["0.8", "0.5"], "steps": str(STEPS), "height": "256",
+           "width": "256"}, two_files), run4),
     ]
 
     async def go():
@@ -182,6 +200,12 @@ def test_concurrent_clients_get_the_cli_images_and_a_nan_row_fails_alone(service
         assert len(got) == len(expected)
         for (image, meta), (cli_image, cli_meta) in zip(got, expected):
             np.testing.assert_array_equal(image, cli_image, err_msg=str(body)[:200])
+            if expected is run4:  # the metadata lists both concepts
+                assert {**meta, "concept": ""} == {**cli_meta, "concept": ""}
+                assert meta["concept"] == ["7.jpg", os.path.basename(IMAGE2)]
+                assert meta["concept_id"] == cli_meta["concept_id"] == [concept_id, second_id]
+                assert r.headers["x-elite-concept-id"] == f"{concept_id},{second_id}" and meta["lambda"] == [0.8, 0.5]
+                continue
             assert {**meta, "concept": ""} == {**cli_meta, "concept": ""} and meta["concept"] == "7.jpg"
             assert meta["concept_id"] == cli_meta["concept_id"] == concept_id
     sizes = metric(metrics, "elite_batch_size_bucket")
@@ -205,7 +229,7 @@ def bad_requests(cid: str) -> list[tuple[str, dict, int, str]]:
     def raw(text: str, kind: str = "application/json") -> dict:
         return {"content": text.encode(), "headers": {"content-type": kind}}
 
-    def form(files: dict, **fields) -> dict:
+    def form(files, **fields) -> dict:  # files: a dict, or (name, file) pairs for repeated names
         return {"files": files, "data": {"prompt": "a S", "steps": "2", "height": "256", "width": "256", **fields}}
 
     up = {"image": ("7.jpg", image), "mask": ("7_bg.png", mask)}
@@ -228,7 +252,7 @@ def bad_requests(cid: str) -> list[tuple[str, dict, int, str]]:
         ("mode", {"json": {**ok, "mode": "both"}}, 422, "mode: Input should be 'local' or 'global'"),
         ("words", {"json": {**ok, "mode": "global", "words": "9"}}, 422, "words: Input should be"),
         ("scheduler", {"json": {**ok, "scheduler": "heun"}}, 422, "scheduler: Input should be"),
-        ("malformed concept id", {"json": {**ok, "concept_id": "xyz"}}, 422, "concept_id: String should match"),
+        ("malformed concept id", {"json": {**ok, "concept_id": "xyz"}}, 422, "concept_id.0: String should match"),
         ("unknown concept id", {"json": {**ok, "concept_id": "0" * 32}}, 404, "upload its image and mask"),
         ("no concept", {"json": {"prompt": "a S"}}, 422, "give a concept"),
         ("no prompt", {"json": {"concept_id": cid}}, 422, "prompt: Field required"),
@@ -257,6 +281,16 @@ def bad_requests(cid: str) -> list[tuple[str, dict, int, str]]:
         ("image without mask", form({"image": up["image"]}), 422, "give a concept"),
         ("image as a text field", form({"mask": up["mask"]}, image="cat.jpg"), 422, "'image' must be one uploaded"),
         ("id and uploads", form(up, concept_id=cid), 422, "not both"),
+        ("two concepts, one placeholder", {"json": {**ok, "concept_id": [cid, cid]}}, 400,
+         "no placeholder 'V' for concept 2"),
+        ("a lambda per concept, miscounted", {"json": {**ok, "concept_id": [cid, cid], "prompt": "a S and a V",
+                                                       "lambda": [0.5, 0.6, 0.7]}}, 400, "3 lambdas for 2 concepts"),
+        ("more concepts than the bundle takes", {"json": {**ok, "concept_id": [cid] * 4, "prompt": "S V W X"}}, 400,
+         "a request has 4 concepts; this model takes at most 3"),
+        ("too many concept ids", {"json": {**ok, "concept_id": [cid] * 9}}, 422,
+         "concept_id: List should have at most 8 items"),
+        ("two images, one mask", form([("image", up["image"]), ("image", up["image"]), ("mask", up["mask"])]), 422,
+         "one `mask` after each `image`"),
         ("encode: unknown field", {"url": "/v1/encode", "files": up, "data": {"prompt": "a S"}}, 422,
          "unknown field(s) prompt"),
         ("encode: JSON", {"url": "/v1/encode", "json": {}}, 422, "upload the concept as two files"),

@@ -76,7 +76,7 @@ def generated(way: str, result: GenerationResult) -> GenerationResult:
 
 
 def unet_sample(model, workload: Workload) -> dict[str, np.ndarray]:
-    """UNet inputs for `batch` requests ([uncond; cond] rows, lam 0 on uncond) per the spec's sampler."""
+    """UNet inputs for `batch` requests per the spec's sampler: [uncond; cond] latents, the cond rows' ELITE inputs."""
     spec = UnetSpec(model)
     return spec.sample_inputs(spec.dims(workload.batch, workload.size, workload.size))
 

@@ -1,7 +1,8 @@
 """The HTTP API (a FastAPI ingress) and the Ray Serve application.
 
     POST /v1/encode     image + mask (multipart) -> concept id and the .concept file
-    POST /v1/generate   fields (JSON, or multipart with `image` + `mask` uploads) -> PNG, or JSON of base64 PNGs
+    POST /v1/generate   fields (JSON, or multipart with `image` + `mask` uploads; several concepts: a list of
+                        ids, or one pair per concept) -> PNG, or JSON of base64 PNGs
     GET  /health        liveness: the replica answers
     GET  /ready         readiness: graphs loaded and warmed; what this replica runs
     GET  /metrics       Prometheus text
@@ -27,8 +28,8 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from elite_export.runtime.serve.fields import (GenerateFields, HttpError, b64, build_requests, error_body,
-                                               json_schema_body, one_line, read_fields, status_of)
+from elite_export.runtime.serve.fields import (MAX_CONCEPTS, GenerateFields, HttpError, b64, build_requests,
+                                               error_body, json_schema_body, one_line, read_fields, status_of)
 from elite_export.runtime.serve.options import ServeOptions
 from elite_export.runtime.serve.replica import LRU, Replica, Row
 
@@ -58,7 +59,8 @@ ENCODE_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
     "properties": {"image": {"type": "string", "format": "binary", "description": "The concept image."},
                    "mask": {"type": "string", "format": "binary",
                             "description": "Its object mask, same size; white (> 0) = object."}}}}}}
-GENERATE_BODY = json_schema_body(GenerateFields, {"image": "The concept image (instead of concept_id).",
+GENERATE_BODY = json_schema_body(GenerateFields, {"image": "The concept image (instead of concept_id); repeat "
+                                                           "image and mask for several concepts.",
                                                   "mask": "Its object mask."})
 
 
@@ -145,7 +147,8 @@ class EliteService:
             extra = sorted(fields) + sorted(set(uploads) - {"image", "mask"})
             raise HttpError(422, f"unknown field(s) {', '.join(extra)}; send only `image` and `mask`" if extra
                             else "upload the concept as two files, `image` and `mask` (multipart/form-data)")
-        concept, data, cached = await self._deadline(self.r.concept_from_upload(uploads["image"], uploads["mask"]))
+        concept, data, cached = await self._deadline(self.r.concept_from_upload(uploads["image"][0],
+                                                                                uploads["mask"][0]))
         headers = {"X-Elite-Concept-Id": concept.id}
         if fmt == "file":
             headers["Content-Disposition"] = f'attachment; filename="{concept.id}.concept"'
@@ -157,7 +160,7 @@ class EliteService:
     def max_body(self) -> int:
         return int(self.opts.max_upload_mb * (1 << 20))
 
-    @api.post("/v1/generate", summary="Generate images of a concept (by id, or uploaded inline).",
+    @api.post("/v1/generate", summary="Generate images of one or several concepts (by id, or uploaded inline).",
               openapi_extra={"requestBody": GENERATE_BODY},
               responses={200: {"description": "image/png (one image, with the `elite` metadata chunk) or JSON "
                                               "{images: [{png: base64, meta}], concept_id}"}})
@@ -165,7 +168,7 @@ class EliteService:
         return await self._answer("generate", self._generate(request))
 
     async def _generate(self, request: Request) -> Response:
-        data, uploads = await read_fields(request, self.max_body, ("image", "mask"))
+        data, uploads = await read_fields(request, self.max_body, ("image", "mask"), MAX_CONCEPTS)
         try:
             fields = GenerateFields.model_validate(data)
         except ValidationError as e:
@@ -177,17 +180,20 @@ class EliteService:
             raise HttpError(422, f"format=png returns one image; this request makes {images}: use format=json")
         if fields.concept_id and uploads:
             raise HttpError(422, "give concept_id or upload image and mask, not both")
-        if not fields.concept_id and set(uploads) != {"image", "mask"}:
+        if not fields.concept_id and (set(uploads) != {"image", "mask"}
+                                      or len(uploads["image"]) != len(uploads["mask"])):
             raise HttpError(422, "give a concept: concept_id (from POST /v1/encode), or upload `image` and `mask` "
-                                 "(multipart/form-data)")
+                                 "(multipart/form-data; for several concepts, one `mask` after each `image`)")
         return await self._deadline(self._produce(fields, uploads), fields.timeout_s)
 
     async def _produce(self, fields: GenerateFields, uploads: dict) -> Response:
         if fields.concept_id:
-            concept = await self.r.concept_by_id(fields.concept_id)
+            concepts = [await self.r.concept_by_id(cid) for cid in fields.concept_id]
         else:
-            concept, _, _ = await self.r.concept_from_upload(uploads["image"], uploads["mask"])
-        requests, settings = build_requests(fields, concept)
+            concepts = [(await self.r.concept_from_upload(image, mask))[0]
+                        for image, mask in zip(uploads["image"], uploads["mask"])]
+        ids = [c.id for c in concepts]
+        requests, settings = build_requests(fields, concepts)
         self.r.gen.validate(requests, settings)  # the runtime's own checks, before anything queues
         rows = [Row(q, settings) for q in requests]
         self.r.admit(rows)
@@ -208,12 +214,13 @@ class EliteService:
             log.warning("non-finite rows: %s", [(i, x.error) for i, x in failed])
             raise HttpError(500, f"image {k} (seed {r.meta['seed']}, {r.meta['prompt']!r}): {r.error}{more}")
         pngs = await asyncio.to_thread(self.r.pngs, results)
-        headers = {"X-Elite-Concept-Id": concept.id,
+        headers = {"X-Elite-Concept-Id": ",".join(ids),
                    "X-Elite-Pipeline-Ms": f"{1e3 * max(d.call_seconds for d in done):.1f}",
                    "X-Elite-Batch": ",".join(str(d.batch) for d in done)}
         if (fields.format or ("png" if len(pngs) == 1 else "json")) == "png":
             return Response(pngs[0], media_type="image/png", headers=headers)
-        return JSONResponse({"concept_id": concept.id, "images": [{"png": b64(p), "meta": r.meta}
+        return JSONResponse({"concept_id": ids[0] if len(ids) == 1 else ids,
+                             "images": [{"png": b64(p), "meta": r.meta}
                                                                   for p, r in zip(pngs, results)]}, headers=headers)
 
 

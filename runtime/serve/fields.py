@@ -1,7 +1,8 @@
 """HTTP fields -> runtime requests, and every error -> a JSON body {"error": one line, "status": code}.
 
-A generate request is JSON (a concept id) or a multipart form (a concept id, or the image and mask
-uploaded inline). The fields are checked here for their HTTP shape only (types, names, counts,
+A generate request is JSON (concept ids) or a multipart form (concept ids, or image and mask pairs
+uploaded inline). Several concepts compose in one prompt (the c-th placeholder names concept c):
+`concept_id` and `lambda` take one value or a list (one lambda applies to every concept). The fields are checked here for their HTTP shape only (types, names, counts,
 lengths); every value is checked by the runtime (GenerationSettings.validate, Request.validate: the
 allowed ranges, finite numbers; the placeholder; the bundle's sizes) and its EliteError message
 becomes the 400 body. `build_requests` is the one place HTTP fields become Requests.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
@@ -22,6 +23,7 @@ from elite_export.runtime.schedulers import DEFAULT_SCHEDULER, SCHEDULER_NAMES
 
 MAX_PROMPT_CHARS = 2000
 CONCEPT_ID = r"^[0-9a-f]{32}$"
+MAX_CONCEPTS = 8  # per request, for the HTTP shape; the bundle's --concepts range is the runtime's check
 
 # EliteError and the HTTP errors below -> status. The runtime's messages are user errors: 400 unless
 # a finer code says more (the lead's validation work can map its own error kinds here).
@@ -80,13 +82,18 @@ class GenerateFields(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     prompt: list[Prompt] = Field(min_length=1, max_length=16,
-                                 description="Prompt(s) with the placeholder word, e.g. 'a photo of a S'.")
-    concept_id: Optional[Annotated[str, StringConstraints(pattern=CONCEPT_ID)]] = Field(
-        None, description="From POST /v1/encode; or upload `image` and `mask` (multipart) instead.")
+                                 description="Prompt(s) with the placeholder words, e.g. 'a photo of a S' "
+                                             "(several concepts: 'a S and a V on the beach').")
+    concept_id: Optional[list[Annotated[str, StringConstraints(pattern=CONCEPT_ID)]]] = Field(
+        None, min_length=1, max_length=MAX_CONCEPTS,
+        description="From POST /v1/encode: one id, or a list (concept c is the prompt's c-th placeholder); "
+                    "or upload `image` and `mask` (multipart; repeat the pair for several) instead.")
     mode: Literal.__getitem__(MODES) = "local"  # type: ignore[valid-type]
     words: Literal.__getitem__(WORD_CHOICES) = "all"  # type: ignore[valid-type]
-    lam: float = Field(DEFAULT_LAMBDA, alias="lambda",
-                       description=f"Local branch weight, {LAMBDA_RANGE[0]:g}..{LAMBDA_RANGE[1]:g}.")
+    lam: Union[float, list[float]] = Field(
+        DEFAULT_LAMBDA, alias="lambda",
+        description=f"Local branch weight, {LAMBDA_RANGE[0]:g}..{LAMBDA_RANGE[1]:g}: one for every concept, or one "
+                    "per concept.")
     scheduler: Literal.__getitem__(SCHEDULER_NAMES) = DEFAULT_SCHEDULER  # type: ignore[valid-type]
     steps: int = Field(DEFAULT_STEPS, description=f"{STEPS_RANGE[0]}..{STEPS_RANGE[1]}.")
     guidance: float = Field(DEFAULT_GUIDANCE, description=f"{GUIDANCE_RANGE[0]:g}..{GUIDANCE_RANGE[1]:g}.")
@@ -98,20 +105,25 @@ class GenerateFields(BaseModel):
     format: Optional[Literal["png", "json"]] = Field(
         None, description="png (one image only) or json (base64 PNGs); default: png for one image, json for more.")
 
-    @field_validator("prompt", mode="before")
+    @field_validator("prompt", "concept_id", mode="before")
     @classmethod
-    def _one_prompt(cls, v):
+    def _one_or_list(cls, v):
         return [v] if isinstance(v, str) else v
 
+    @field_validator("lam", mode="before")
+    @classmethod
+    def _form_lambda(cls, v):  # a form sends strings: one, or several when repeated
+        return [float(x) for x in v] if isinstance(v, list) and all(isinstance(x, str) for x in v) else v
 
-def build_requests(fields: GenerateFields, concept) -> tuple[list[Request], GenerationSettings]:
+
+def build_requests(fields: GenerateFields, concepts: list) -> tuple[list[Request], GenerationSettings]:
     """The one place HTTP fields become runtime requests: n images per prompt, prompt after prompt;
     image k gets seed + k, so the same prompts given to elite-run (each repeated n times) with
     --seed SEED give the same images."""
     settings = GenerationSettings(scheduler=fields.scheduler, steps=fields.steps, guidance=fields.guidance,
                                   height=fields.height, width=fields.width)
     prompts = [p for p in fields.prompt for _ in range(fields.n)]
-    requests = [Request(concept, p, fields.seed + k, fields.mode, fields.words, fields.lam)
+    requests = [Request(concepts, p, fields.seed + k, fields.mode, fields.words, fields.lam)
                 for k, p in enumerate(prompts)]
     return requests, settings
 
@@ -141,8 +153,10 @@ async def read_body(request, max_bytes: int) -> bytes:
     return body
 
 
-async def read_fields(request, max_bytes: int, files: tuple[str, ...]) -> tuple[dict, dict[str, Upload]]:
-    """JSON object or multipart/urlencoded form -> (fields, uploads). Uploads only in forms."""
+async def read_fields(request, max_bytes: int, files: tuple[str, ...],
+                      max_files: int = 1) -> tuple[dict, dict[str, list[Upload]]]:
+    """JSON object or multipart/urlencoded form -> (fields, uploads: up to max_files per file field, in
+    the order sent). Uploads only in forms; a repeated form field becomes a list."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body = await read_body(request, max_bytes)
     if kind == "application/json":
@@ -156,17 +170,18 @@ async def read_fields(request, max_bytes: int, files: tuple[str, ...]) -> tuple[
     if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise HttpError(415, f"send application/json or multipart/form-data, not {kind or 'no content type'!r}")
     try:
-        form = await request.form(max_files=len(files), max_fields=64, max_part_size=max_bytes)
+        form = await request.form(max_files=len(files) * max_files, max_fields=64, max_part_size=max_bytes)
     except Exception as e:  # noqa: BLE001 - the multipart parser's own errors on malformed bodies
         raise HttpError(400, f"malformed form body ({' '.join(str(e).split())[:200]})") from None
     data: dict = {}
-    uploads: dict[str, Upload] = {}
+    uploads: dict[str, list[Upload]] = {}
     for key in form.keys():
         values = form.getlist(key)
         if key in files:
-            if len(values) != 1 or isinstance(values[0], str):
-                raise HttpError(422, f"{key!r} must be one uploaded file")
-            uploads[key] = (values[0].filename or key, await values[0].read())
+            if any(isinstance(v, str) for v in values) or len(values) > max_files:
+                raise HttpError(422, f"{key!r} must be one uploaded file" + (
+                    f" per concept (at most {max_files})" if max_files > 1 else ""))
+            uploads[key] = [(v.filename or key, await v.read()) for v in values]
         elif any(not isinstance(v, str) for v in values):
             raise HttpError(422, f"{key!r} must be a form field, not a file")
         else:

@@ -102,7 +102,8 @@ class Replica:
                 "cuda_graph": self.opts.cuda_graph, "max_batch": self.max_batch,
                 "batch_wait_ms": self.opts.batch_wait_ms, "max_queue": self.opts.max_queue,
                 "timeout_s": self.opts.timeout_s, "sizes": list(b.ranges.size),
-                "placeholders": list(self.gen.placeholders), "local_mode": bool(b.manifest["has_local_mapper"]), "queue": self.waiting, "running": self.running,
+                "concepts": list(b.ranges.concepts), "placeholders": list(self.gen.placeholders),
+                "local_mode": bool(b.manifest["has_local_mapper"]), "queue": self.waiting, "running": self.running,
                 "start_seconds": round(self.start_seconds, 3)}
 
     # -- admission -------------------------------------------------------------------------------
