@@ -2,8 +2,8 @@
 
 A generate request is JSON (concept ids) or a multipart form (concept ids, or image and mask pairs
 uploaded inline). Several concepts compose in one prompt (the c-th placeholder names concept c):
-`concept_id` and `lambda` take one value or a list (one lambda applies to every concept). The fields are checked here for their HTTP shape only (types, names, counts,
-lengths); every value is checked by the runtime (GenerationSettings.validate, Request.validate: the
+`concept_id` and `lambda` take one value or a list (one lambda applies to every concept). The fields
+are checked here for their HTTP shape only (types, names, counts, lengths); every value is checked by the runtime (GenerationSettings.validate, Request.validate: the
 allowed ranges, finite numbers; the placeholder; the bundle's sizes) and its EliteError message
 becomes the 400 body. `build_requests` is the one place HTTP fields become Requests.
 """
