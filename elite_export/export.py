@@ -44,9 +44,12 @@ class Fp16Policy:
 
     fp32_ops: op types whose accumulation overflows or loses too much in fp16 (softmax, the
     statistics of LayerNorm and GroupNorm (exported as InstanceNormalization)).
-    fp32_modules: torch module classes whose every node stays fp32 (ELITE's m / max m)."""
+    fp32_modules: torch module classes whose every node stays fp32: ELITE's m / max m, and the UNet's
+    sinusoidal timestep embedding (t * freq reaches 999 rad, where fp16's spacing is 0.5: diffusers
+    computes it in fp32 in fp16 models too, and casts after)."""
     fp32_ops: tuple[str, ...] = ("Softmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization")
-    fp32_modules: tuple[str, ...] = ("elite_export.engines.attention_op.LocalScale",)
+    fp32_modules: tuple[str, ...] = ("elite_export.engines.attention_op.LocalScale",
+                                     "diffusers.models.embeddings.Timesteps")
 
     def to_dict(self) -> dict:
         return {"fp32_ops": list(self.fp32_ops), "fp32_modules": list(self.fp32_modules)}
@@ -203,6 +206,36 @@ def to_fp16(src: str, dst: str, policy: Fp16Policy = Fp16Policy()) -> None:
     check(dst)
 
 
+def skip_fp16_round_trips(model: onnx.ModelProto) -> int:
+    """fp32 -> Cast(fp16) -> Cast(fp32) -> reader  =>  fp32 -> reader. Returns how many readers moved.
+
+    The converter casts every blocked node's output to fp16 and back before the next blocked node
+    (and the fp32 graph inputs to fp16 and back before a blocked first node), so an fp32 island of
+    several nodes would round its every intermediate to fp16 (m / max m: m underflowing to 0 again;
+    the timestep embedding: 999 rad at fp16's 0.5 spacing). The readers take the fp32 tensor itself;
+    the dead casts go in `tidy`."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    graph_outputs = {o.name for o in model.graph.output}
+    fp32 = {v.name for v in [*model.graph.value_info, *model.graph.input]
+            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
+    def cast_to(node, to: int) -> bool:
+        return node is not None and node.op_type == "Cast" and next(a.i for a in node.attribute if a.name == "to") == to
+
+    replace: dict[str, str] = {}
+    for n in model.graph.node:
+        first = producer.get(n.input[0]) if cast_to(n, onnx.TensorProto.FLOAT) else None
+        if cast_to(first, onnx.TensorProto.FLOAT16) and n.output[0] not in graph_outputs and first.input[0] in fp32:
+            replace[n.output[0]] = first.input[0]  # a tensor known to be fp32 (value_info or graph input)
+    moved = 0
+    for n in model.graph.node:
+        for k, name in enumerate(n.input):
+            if name in replace:
+                n.input[k] = replace[name]
+                moved += 1
+    return moved
+
+
 def fp16_model(model: onnx.ModelProto, policy: Fp16Policy) -> onnx.ModelProto:
     """The fp16 conversion of a loaded fp32 model (weights in memory): fp32 islands per `policy`, fp32 I/O."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -213,6 +246,7 @@ def fp16_model(model: onnx.ModelProto, policy: Fp16Policy) -> onnx.ModelProto:
     big = too_big_for_protobuf(model)
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(policy.fp32_ops),
                                      node_block_list=block, disable_shape_infer=big)
+    skip_fp16_round_trips(model)
     keep_m_fp32(model)
     return tidy(model)  # the converter appends its casts out of order
 

@@ -90,6 +90,35 @@ def test_fp16_graphs_keep_their_fp32_islands(bundle):
     assert all(seen.values()), seen  # each kind is present (ReduceMax: the per-sample max of m)
     assert sum(1 for n in model.graph.node if n.op_type == "Conv" and types.get(n.input[0]) == f16) > 10
     assert {types[i.name] for i in model.graph.input if i.name in ("latents", "lam")} == {f32}  # fp32 I/O
+    # an island of several fp32 nodes stays fp32 between them: no fp32 -> fp16 -> fp32 round trip
+    producer = {o: n for n in model.graph.node for o in n.output}
+    to = {n.name: next(a.i for a in n.attribute if a.name == "to") for n in model.graph.node if n.op_type == "Cast"}
+    trips = [n.name for n in model.graph.node if to.get(n.name) == f32 and (p := producer.get(n.input[0])) is not None
+             and to.get(p.name) == f16 and types.get(p.input[0]) == f32]
+    assert not trips, trips[:5]
+
+
+def test_fp16_unet_computes_the_timestep_embedding_in_fp32(bundle, toy_dir, tmp_path):
+    """t * freq reaches 999 rad, where fp16's spacing is 0.5: the fp16 UNet must compute the sinusoidal
+    embedding in fp32 as diffusers does (cast after). Its output against float64 numpy of the formula."""
+    import onnxruntime as ort
+
+    model = onnx.load(bundle.graph_path("unet", "fp16"))
+    nodes = [n for n in model.graph.node if n.name.split("/", 1)[0] == "diffusers.models.embeddings.Timesteps"]
+    assert {"Sin", "Cos"} <= {n.op_type for n in nodes}
+    sub = str(tmp_path / "timesteps.onnx")
+    onnx.save(model, str(tmp_path / "unet.onnx"))
+    onnx.utils.extract_model(str(tmp_path / "unet.onnx"), sub, ["timestep"], [nodes[-1].output[0]])
+    t = np.array([0, 1, 250, 500, 751, 999], np.float32)
+    got = ort.InferenceSession(sub, providers=["CPUExecutionProvider"]).run(None, {"timestep": t})[0]
+    cfg = json.load(open(toy_dir / "sd" / "unet" / "config.json"))
+    half = got.shape[1] // 2
+    freq = np.exp(-np.log(10000.0) * np.arange(half) / (half - cfg.get("freq_shift", 0)))
+    arg = t.astype(np.float64)[:, None] * freq[None]
+    expected = np.concatenate([np.sin(arg), np.cos(arg)], axis=1)
+    if cfg.get("flip_sin_to_cos", True):
+        expected = np.concatenate([expected[:, half:], expected[:, :half]], axis=1)
+    assert got.dtype == np.float32 and np.abs(got - expected).max() < 1e-3  # fp16 t * freq: up to 0.25
 
 
 def test_rebuilding_unchanged_reuses_everything(toy_bundle, tmp_path):
