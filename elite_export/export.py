@@ -206,8 +206,8 @@ def to_fp16(src: str, dst: str, policy: Fp16Policy = Fp16Policy()) -> None:
     check(dst)
 
 
-def skip_fp16_round_trips(model: onnx.ModelProto) -> int:
-    """fp32 -> Cast(fp16) -> Cast(fp32) -> reader  =>  fp32 -> reader. Returns how many readers moved.
+def skip_fp16_round_trips(model: onnx.ModelProto) -> None:
+    """fp32 -> Cast(fp16) -> Cast(fp32) -> reader  =>  fp32 -> reader (in place).
 
     The converter casts every blocked node's output to fp16 and back before the next blocked node
     (and the fp32 graph inputs to fp16 and back before a blocked first node), so an fp32 island of
@@ -227,13 +227,10 @@ def skip_fp16_round_trips(model: onnx.ModelProto) -> int:
         first = producer.get(n.input[0]) if cast_to(n, onnx.TensorProto.FLOAT) else None
         if cast_to(first, onnx.TensorProto.FLOAT16) and n.output[0] not in graph_outputs and first.input[0] in fp32:
             replace[n.output[0]] = first.input[0]  # a tensor known to be fp32 (value_info or graph input)
-    moved = 0
     for n in model.graph.node:
         for k, name in enumerate(n.input):
             if name in replace:
                 n.input[k] = replace[name]
-                moved += 1
-    return moved
 
 
 def fp16_model(model: onnx.ModelProto, policy: Fp16Policy) -> onnx.ModelProto:

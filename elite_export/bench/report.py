@@ -84,13 +84,18 @@ def machine_line(result: dict) -> str:
             + ", ".join(f"{k} {v[k]}" for k in ("torch", "diffusers", "transformers", "onnxruntime") if k in v))
 
 
+def report_tables(result: dict) -> list[tuple[str, list[str], list[list]]]:
+    """The report's tables in order, (name, headers, rows): times, speed-ups, then extras and the
+    runtime overhead where they have rows. text_report and markdown render the same list."""
+    tables = [("time", *time_table(result)), ("speedup", *speedup_table(result)),
+              ("extras", *extras_table(result)), ("overhead", *overhead_table(result))]
+    return [t for t in tables if t[0] in ("time", "speedup") or t[2]]
+
+
 def text_report(result: dict) -> str:
-    parts = [machine_line(result), format_table(*time_table(result)), format_table(*speedup_table(result))]
-    if extras_table(result)[1]:
-        parts.append(format_table(*extras_table(result)))
-    headers, rows = overhead_table(result)
-    if rows:
-        parts.append("runtime overhead per step\n" + format_table(headers, rows))
+    parts = [machine_line(result)]
+    for name, headers, rows in report_tables(result):
+        parts.append(("runtime overhead per step\n" if name == "overhead" else "") + format_table(headers, rows))
     parts += [f"{w}: n/a ({why})" for w, why in result.get("unavailable", {}).items()]
     return "\n\n".join(parts)
 
@@ -105,12 +110,10 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 
 def markdown(result: dict) -> str:
     parts = [f"### {result['date']}: {result['options']['device']}, {result['options']['size']} px",
-             machine_line(result), md_table(*time_table(result)), md_table(*speedup_table(result))]
-    if extras_table(result)[1]:
-        parts.append(md_table(*extras_table(result)))
-    headers, rows = overhead_table(result)
-    if rows:
-        parts.append("Runtime overhead per step (ONNX Runtime):\n\n" + md_table(headers, rows))
+             machine_line(result)]
+    for name, headers, rows in report_tables(result):
+        parts.append(("Runtime overhead per step (ONNX Runtime):\n\n" if name == "overhead" else "")
+                     + md_table(headers, rows))
     parts += [f"- {w}: n/a ({why})" for w, why in result.get("unavailable", {}).items()]
     return "\n\n".join(parts) + "\n"
 
